@@ -1,0 +1,20 @@
+"""poegpt: GPTs trained as a Product of Experts over depth.
+
+    import poegpt
+    model, tok = poegpt.load()                      # the shipped demo model, or poegpt.load("ckpt_dir")
+    cfg = poegpt.PoEConfig.from_preset("tiny")
+    model = poegpt.PoEGPT(cfg)
+"""
+
+from .config import PoEConfig
+from .errors import PoEError
+from .model import PoEGPT
+
+__version__ = "0.1.0"
+__all__ = ["PoEConfig", "PoEGPT", "PoEError", "load", "__version__"]
+
+
+def load(path=None, device="cpu"):
+    """Load (model, tokenizer) from a checkpoint directory (the shipped demo model when None)."""
+    from .checkpoint import load_model
+    return load_model(path, device=device)

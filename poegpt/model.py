@@ -1,0 +1,374 @@
+"""PoEGPT: nanochat's GPT trunk cut into Product-of-Experts stages (SPEC §1, trunk.md).
+
+The trunk (feature for feature nanochat's GPT): normed token embedding with a smear gate, per-layer
+resid/x0 scalars, parameter-free RMSNorm, rotary (base 100k), QK-norm (then ×1.2), GQA, sliding
+windows by pattern (SSSL, last layer long), value embeddings on alternating layers, ReLU² MLP,
+a mid-network backout, soft-capped logits, no biases.
+
+PoE: the layers are split into stages; stage k ends at boundary layer b_k and predicts the next
+token with z_k = softcap((W_s + W_k) · norm(h_k)), one matmul with the summed weight of the shared
+head W_s (`lm_head`) and its additive stage head W_k (`lm_head_stages[k]`). Backout applies to a
+boundary at or past layer L//2 (h_k − λ·x_mid); a boundary before it reads h_k as is.
+
+With `stage_grad="isolated"` the residual stream entering each stage (and x_mid) is detached, so a
+stage's loss trains only its own layers and heads plus the parameters every stage uses (embedding,
+value embeddings of its layers, shared head, scalars).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import PoEConfig
+from .errors import PoEError
+from .logop import logop, logop_logits
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, T, H, D); cos/sin: (1, T, 1, D/2). Rotate the two halves of the head dim.
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).to(x.dtype)
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+
+
+def attention_mask(q_pos0: int, n_q: int, n_k: int, window: int, device) -> torch.Tensor | None:
+    """Boolean (n_q, n_k) mask, True = attend: causal and within `window` of the query.
+    Queries sit at absolute positions q_pos0 .. q_pos0+n_q-1, keys at 0 .. n_k-1.
+    None when plain causal attention with aligned ends (no cache offset) already is the rule."""
+    if q_pos0 == 0 and n_q == n_k and window >= n_q - 1:
+        return None
+    q = torch.arange(q_pos0, q_pos0 + n_q, device=device)[:, None]
+    k = torch.arange(n_k, device=device)[None, :]
+    return (k <= q) & (q - k <= window)
+
+
+class KVCache:
+    """Preallocated keys/values per layer (gpt-fast style): k[i], v[i] of shape (B, G, max_len, D).
+    `pos` counts the tokens stored; `prev_embed` keeps the last token's normed embedding for smear."""
+
+    def __init__(self, config: PoEConfig, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
+        if max_len > config.sequence_len:
+            raise PoEError(f"the KV cache cannot exceed the context of {config.sequence_len} tokens (asked {max_len})")
+        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.max_len = max_len
+        self.pos = 0
+        self.prev_embed: torch.Tensor | None = None
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (B, G, T, D) keys/values at positions pos.. and return the layer's keys/values so far."""
+        end = pos + k.size(2)
+        if end > self.max_len:
+            raise PoEError(f"sequence of {end} tokens exceeds the KV cache of {self.max_len}")
+        self.k[layer][:, :, pos:end] = k
+        self.v[layer][:, :, pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: PoEConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.window = config.windows[layer]
+        d, hd = config.n_embd, config.head_dim
+        self.c_q = nn.Linear(d, config.n_head * hd, bias=False)
+        self.c_k = nn.Linear(d, config.n_kv_head * hd, bias=False)
+        self.c_v = nn.Linear(d, config.n_kv_head * hd, bias=False)
+        self.c_proj = nn.Linear(config.n_head * hd, d, bias=False)
+        self.ve_gate = nn.Linear(12, config.n_kv_head, bias=False) if config.has_value_embed(layer) else None
+
+    def forward(self, x, ve, cos, sin, pos: int, cache: KVCache | None):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:  # value embedding, gated per KV head by the first 12 channels
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :12]))            # (B, T, G)
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = norm(q) * 1.2, norm(k) * 1.2
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|G, T, D)
+        if cache is not None:
+            k, v = cache.store(self.layer, k, v, pos)
+        mask = attention_mask(pos, T, k.size(2), self.window, x.device)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_head != self.n_kv_head)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: PoEConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: PoEConfig, layer: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos, sin, pos, cache):
+        x = x + self.attn(norm(x), ve, cos, sin, pos, cache)
+        return x + self.mlp(norm(x))
+
+
+@dataclass
+class TrunkState:
+    """The residual stream while walking the layers: x (B, T, d), the embedding x0 it mixes back
+    in, and x_mid, the stream after layer L//2 that the backout subtracts (None before it)."""
+    x: torch.Tensor
+    x0: torch.Tensor
+    x_mid: torch.Tensor | None = None
+
+
+class PoEGPT(nn.Module):
+    def __init__(self, config: PoEConfig):
+        super().__init__()
+        self.config = config
+        V, d = config.padded_vocab_size, config.n_embd
+        kv_dim = config.n_kv_head * config.head_dim
+        self.wte = nn.Embedding(V, d)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim)
+                                           for i in range(config.n_layer) if config.has_value_embed(i)})
+        self.lm_head = nn.Linear(d, V, bias=False)                                     # shared head W_s
+        self.lm_head_stages = nn.ModuleList(nn.Linear(d, V, bias=False) for _ in range(config.n_stages))
+        self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+        self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        self.smear_gate = nn.Linear(24, 1, bias=False)
+        self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.backout_lambda = nn.Parameter(torch.zeros(1))
+        cos, sin = rotary_tables(config.sequence_len, config.head_dim, config.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        if self.wte.weight.device.type != "meta":
+            self.init_weights()
+
+    # --- init ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None):
+        """All initialisation in one place (nanochat's scheme; stage heads start at zero, so every
+        stage starts as the shared head)."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        cfg = self.config
+        s = 3 ** 0.5 * cfg.n_embd ** -0.5
+        nn.init.normal_(self.wte.weight, std=0.8)
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        for head in self.lm_head_stages:
+            nn.init.zeros_(head.weight)
+        for block in self.blocks:
+            a = block.attn
+            for lin in (a.c_q, a.c_k, a.c_v):
+                nn.init.uniform_(lin.weight, -s, s)
+            nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * s, 0.4 * s)
+            nn.init.zeros_(a.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if a.ve_gate is not None:
+                nn.init.uniform_(a.ve_gate.weight, 0.0, 0.02)
+        for emb in self.value_embeds.values():
+            nn.init.uniform_(emb.weight, -s, s)
+        nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+        L = cfg.n_layer
+        frac = torch.arange(L, dtype=torch.float32) / max(L - 1, 1)
+        self.resid_lambdas.copy_(1.15 - 0.10 * frac)
+        self.x0_lambdas.copy_(0.20 - 0.15 * frac)
+        self.smear_lambda.fill_(0.0)
+        self.backout_lambda.fill_(0.2)
+        cos, sin = rotary_tables(cfg.sequence_len, cfg.head_dim, cfg.rope_base, device=self.wte.weight.device)
+        self.rope_cos, self.rope_sin = cos, sin
+
+    # --- trunk -----------------------------------------------------------------------------------
+    def embed(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Normed token embedding plus the smear of the previous token's: (B, T) -> (B, T, d)."""
+        x = norm(self.wte(idx))
+        prev = torch.cat([cache.prev_embed, x[:, :-1]], 1) if cache is not None and cache.prev_embed is not None \
+            else F.pad(x[:, :-1], (0, 0, 1, 0))                     # position 0 of a sequence has no predecessor
+        if cache is not None:
+            cache.prev_embed = x[:, -1:].detach()
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :24]))
+        return x + gate * prev
+
+    def run_layers(self, state: TrunkState, idx: torch.Tensor, start: int, stop: int, pos: int = 0,
+                   cache: KVCache | None = None) -> TrunkState:
+        """Apply layers start..stop-1 to the stream of tokens `idx` sitting at positions pos.."""
+        T = idx.size(1)
+        if pos + T > self.config.sequence_len:
+            raise PoEError(f"sequence of {pos + T} tokens exceeds the model's context of {self.config.sequence_len}")
+        cos, sin = self.rope_cos[:, pos:pos + T], self.rope_sin[:, pos:pos + T]
+        x, x_mid = state.x, state.x_mid
+        for i in range(start, stop):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * state.x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = self.blocks[i](x, ve, cos, sin, pos, cache)
+            if i == self.config.backout_layer:
+                x_mid = x
+        return TrunkState(x, state.x0, x_mid)
+
+    def boundary_output(self, state: TrunkState, layer: int) -> torch.Tensor:
+        """norm(h) for a stage ending at `layer`, with the backout past the middle of the trunk."""
+        x = state.x
+        if layer >= self.config.backout_layer:
+            x = x - self.backout_lambda * state.x_mid
+        return norm(x)
+
+    def trunk(self, idx: torch.Tensor, n_stages: int | None = None, cache: KVCache | None = None,
+              isolate: bool = False) -> list[torch.Tensor]:
+        """Normed boundary states [norm(h_0), ..., norm(h_{m-1})] of the first m stages, running only
+        the layers they need. `isolate` detaches the stream (and x_mid) entering each later stage."""
+        cfg = self.config
+        m = cfg.n_stages if n_stages is None else n_stages
+        pos = cache.pos if cache is not None else 0
+        state = TrunkState(x := self.embed(idx, cache), x)
+        outs, start = [], 0
+        for k in range(m):
+            if isolate and k > 0:
+                state = TrunkState(state.x.detach(), state.x0,
+                                   None if state.x_mid is None else state.x_mid.detach())
+            stop = cfg.boundaries[k] + 1
+            state = self.run_layers(state, idx, start, stop, pos, cache)
+            outs.append(self.boundary_output(state, stop - 1))
+            start = stop
+        if cache is not None:
+            cache.pos = pos + idx.size(1)
+        return outs
+
+    # --- heads -----------------------------------------------------------------------------------
+    def head_weight(self, stage: int) -> torch.Tensor:
+        """W_s + W_k: one (V_padded, d) matrix per stage."""
+        return self.lm_head.weight + self.lm_head_stages[stage].weight
+
+    def stage_logits(self, h: torch.Tensor, stage: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Soft-capped fp32 logits (..., V) of stage `stage` from its normed boundary state."""
+        w = self.head_weight(stage) if weight is None else weight
+        z = F.linear(h, w.to(h.dtype))[..., : self.config.vocab_size].float()
+        c = self.config.softcap
+        return c * torch.tanh(z / c)
+
+    def shared_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The shared head alone on a boundary state: W_s · norm(h) (soft-capped)."""
+        return self.stage_logits(h, 0, weight=self.lm_head.weight)
+
+    # --- forward ---------------------------------------------------------------------------------
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_chunk: int = 4096):
+        """With targets: the training objective, as (loss, per-stage CE (K,) detached).
+        Without: full-PoE normalised log-probs (B, T, V) (Log-OP of every stage, poe_alpha applied)."""
+        cfg = self.config
+        if targets is None:
+            hs = self.trunk(idx)
+            logits = [self.stage_logits(h, k) for k, h in enumerate(hs)]
+            if cfg.poe_alpha > 0:
+                return logop([F.log_softmax(z, -1) for z in logits], alpha=cfg.poe_alpha)
+            return logop_logits(logits)
+        from .objectives import poe_loss
+        n = 1 if cfg.objective == "final_only" else cfg.n_stages
+        hs = self.trunk(idx, isolate=cfg.stage_grad == "isolated")
+        stages = list(range(cfg.n_stages))[-n:]
+        return poe_loss([hs[k].flatten(0, 1) for k in stages], [self.head_weight(k) for k in stages],
+                        targets.flatten(), cfg, vocab_size=cfg.vocab_size, softcap=cfg.softcap, chunk=loss_chunk,
+                        n_stages=cfg.n_stages)
+
+    @torch.no_grad()
+    def stage_logprobs(self, idx: torch.Tensor, n_stages: int | None = None) -> list[torch.Tensor]:
+        """Per-stage log-probs [(B, T, V)] of the first n stages (all by default)."""
+        return [F.log_softmax(self.stage_logits(h, k), -1) for k, h in enumerate(self.trunk(idx, n_stages))]
+
+    @torch.no_grad()
+    def forward_stage(self, ids: torch.Tensor, stage: int) -> torch.Tensor:
+        """Logits (B, T, V) of one stage, evaluating the trunk only up to its boundary."""
+        self._check_stage(stage)
+        return self.stage_logits(self.trunk(ids, stage + 1)[stage], stage)
+
+    def _check_stage(self, stage) -> None:
+        K = self.config.n_stages
+        if not isinstance(stage, int) or not 0 <= stage < K:
+            raise PoEError(f"stage must be an integer in 0..{K - 1}, got {stage!r}")
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int = 32, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, eos_token_id: int | None = None) -> torch.Tensor:
+        """Full-PoE generation: (B, T) prompt ids -> (B, T + new) ids, like HF's generate."""
+        from .engine import generate
+        return generate(self, ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                        top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id)
+
+    # --- accounting ------------------------------------------------------------------------------
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def params_by_component(self) -> dict[str, int]:
+        blocks = self.blocks
+        ve_gates = sum(b.attn.ve_gate.weight.numel() for b in blocks if b.attn.ve_gate is not None)
+        counts = {
+            "wte": self.wte.weight.numel(),
+            "lm_head (shared)": self.lm_head.weight.numel(),
+            "lm_head_stages": sum(h.weight.numel() for h in self.lm_head_stages),
+            "blocks": sum(p.numel() for p in blocks.parameters()) - ve_gates,
+            "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
+            "ve_gates": ve_gates,
+            "scalars": sum(p.numel() for p in (self.resid_lambdas, self.x0_lambdas, self.smear_gate.weight,
+                                                self.smear_lambda, self.backout_lambda)),
+        }
+        counts["total"] = sum(counts.values())
+        assert counts["total"] == self.num_params()
+        return counts
+
+    def _layer_matmul_params(self, i: int) -> int:
+        return sum(m.weight.numel() for m in self.blocks[i].modules() if isinstance(m, nn.Linear))
+
+    def _attention_flops(self, layer: int, keys: float) -> float:
+        """Forward FLOPs of QK^T and AV for one query over `keys` keys."""
+        return 4 * self.config.n_head * self.config.head_dim * keys
+
+    def flops_per_token(self, n_stages: int | None = None, context: int | None = None, training: bool = False,
+                        heads: int | None = None) -> int:
+        """Matmul FLOPs per token through the first n stages (all by default) with their heads.
+        Forward = 2·(matmul params) + attention; training = 3× forward, attention averaged over the
+        positions of a `context`-long sequence; decoding = one query at position `context`.
+        `heads` overrides the number of stage heads evaluated (final_only trains one)."""
+        cfg = self.config
+        m = cfg.n_stages if n_stages is None else n_stages
+        T = cfg.sequence_len if context is None else context
+        n_layers = cfg.boundaries[m - 1] + 1
+        head_params = (m if heads is None else heads) * cfg.padded_vocab_size * cfg.n_embd
+        params = sum(self._layer_matmul_params(i) for i in range(n_layers)) + head_params + self.smear_gate.weight.numel()
+        attn = 0.0
+        for i in range(n_layers):
+            n = min(T, cfg.windows[i] + 1)  # keys a query can see
+            keys = (n * (n + 1) / 2 + (T - n) * n) / T if training else n
+            attn += self._attention_flops(i, keys)
+        forward = 2 * params + attn
+        return int(3 * forward if training else forward)
+
+    def train_flops_per_token(self) -> int:
+        heads = 1 if self.config.objective == "final_only" else self.config.n_stages
+        return self.flops_per_token(training=True, heads=heads)
+
+    def kv_bytes_per_token(self, dtype=torch.bfloat16, n_stages: int | None = None) -> int:
+        cfg = self.config
+        m = cfg.n_stages if n_stages is None else n_stages
+        n_layers = cfg.boundaries[m - 1] + 1
+        return n_layers * 2 * cfg.n_kv_head * cfg.head_dim * torch.finfo(dtype).bits // 8
