@@ -1,0 +1,34 @@
+# The README's two commands: `make demo` (the main job, end to end) and `make test`.
+PY ?= .venv/bin/python
+POEGPT = $(PY) -m poegpt.cli
+DEMO ?= runs/demo
+DEMO_STEPS ?= 300
+
+.PHONY: install demo test test-all clean
+
+install: .venv/.installed
+
+.venv/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+# Train a small PoE model on the bundled multilingual sample, evaluate it, generate from it.
+demo: install
+	$(POEGPT) tokenizer --recipe sample --vocab-size 2048 --out $(DEMO)/data
+	$(POEGPT) prepare --recipe sample --tokenizer $(DEMO)/data --out $(DEMO)/data
+	$(POEGPT) train --data $(DEMO)/data --out $(DEMO)/run --depth 4 --sequence-len 256 --batch-size 8 \
+		--steps $(DEMO_STEPS) --eval-every 100 --save-every 100 --eval-tokens 32768 --resume
+	$(POEGPT) eval --model $(DEMO)/run --data $(DEMO)/data --prompts poegpt/assets/prompts.jsonl --out $(DEMO)/eval
+	$(POEGPT) generate --model $(DEMO)/run --max-new-tokens 48 \
+		--prompt "The capital of France is" --prompt "대한민국의 수도는" --prompt "def fibonacci(n):"
+
+test: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest -q -m "not slow"
+
+test-all: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,245 @@
+"""Checkpoints: atomic directories of safetensors + JSON, and loading a model from one.
+
+A checkpoint is a directory
+    config.json          the PoEConfig
+    model.safetensors    weights (fp32 while training; the shipped model may be bf16)
+    tokenizer_bpe.json   the tokenizer
+    meta.json            step, metrics, data position, python/numpy RNG, train args, WAND bounds
+    optimizer.safetensors + optimizer.json   optimiser tensors and the rest of its state (training only)
+    rng.safetensors      torch (and CUDA) RNG states (training only)
+written into a temporary sibling directory, every file fsynced, then renamed into place: a reader
+(or a run killed mid-save) sees either the old set of checkpoints or the new one, never half of one.
+Nothing is unpickled: tensors come from safetensors, everything else from JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+from .config import PoEConfig
+from .errors import PoEError
+
+MODEL_FILE = "model.safetensors"
+META_FILE = "meta.json"
+STEP_PREFIX = "step_"
+DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo"
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def atomic_directory_write(final: Path, write_fn) -> Path:
+    """Call write_fn(tmp_dir) to fill a temporary sibling of `final`, fsync it, rename it to `final`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    write_fn(tmp)
+    for f in tmp.iterdir():
+        _fsync_path(f)
+    _fsync_path(tmp)
+    if final.exists():  # replacing: move the old one aside first so `final` is never half-written
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+    _fsync_path(final.parent)
+    return final
+
+
+def _flatten_optimizer(opts: list[torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], list]:
+    tensors, rest = {}, []
+    for i, opt in enumerate(opts):
+        sd = opt.state_dict()
+        scalars = {}
+        for pid, st in sd["state"].items():
+            for key, val in st.items():
+                if isinstance(val, torch.Tensor):
+                    tensors[f"{i}.{pid}.{key}"] = val.detach().contiguous().cpu()
+                else:
+                    scalars.setdefault(str(pid), {})[key] = val
+        rest.append({"param_groups": sd["param_groups"], "scalars": scalars})
+    return tensors, rest
+
+
+def _unflatten_optimizer(opts: list[torch.optim.Optimizer], tensors: dict[str, torch.Tensor], rest: list) -> None:
+    if len(rest) != len(opts):
+        raise PoEError("the checkpoint's optimiser state does not match this run's optimisers")
+    for i, opt in enumerate(opts):
+        state: dict[int, dict] = {}
+        for pid, st in rest[i]["scalars"].items():
+            state.setdefault(int(pid), {}).update(st)
+        for name, t in tensors.items():
+            oi, pid, key = name.split(".", 2)
+            if int(oi) == i:
+                state.setdefault(int(pid), {})[key] = t
+        groups = rest[i]["param_groups"]
+        for g in groups:
+            if "betas" in g:
+                g["betas"] = tuple(g["betas"])
+        opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    import random
+    import numpy as np
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = s
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return tensors, {"numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+                     "python": [py_state[0], list(py_state[1]), py_state[2]]}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], other: dict) -> None:
+    import random
+    import numpy as np
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    n = other["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+    p = other["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+def save_checkpoint(path, model, tokenizer=None, meta: dict | None = None, optimizers=None,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write a checkpoint directory atomically. `optimizers` adds optimiser + RNG state (for --resume)."""
+    def write(tmp: Path):
+        write_json(tmp / "config.json", model.config.to_dict())
+        state = {k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu()
+                 for k, v in model.state_dict().items()}
+        save_file(state, tmp / MODEL_FILE)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        m = dict(meta or {})
+        m.setdefault("format", "poegpt-checkpoint")
+        m.setdefault("format_version", 1)
+        if optimizers is not None:
+            opt_tensors, opt_rest = _flatten_optimizer(optimizers)
+            save_file(opt_tensors, tmp / "optimizer.safetensors")
+            write_json(tmp / "optimizer.json", opt_rest)
+            rng_tensors, rng_other = rng_state()
+            save_file(rng_tensors, tmp / "rng.safetensors")
+            m["rng"] = rng_other
+        write_json(tmp / META_FILE, m)
+    return atomic_directory_write(Path(path), write)
+
+
+def read_meta(path) -> dict:
+    f = Path(path) / META_FILE
+    try:
+        return json.loads(f.read_text())
+    except FileNotFoundError:
+        raise PoEError(f"{path} is not a poegpt checkpoint (no {META_FILE}); point to a checkpoint directory") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PoEError(f"{f} is corrupt ({e}); use an earlier checkpoint") from None
+
+
+def checkpoints_in(run_dir) -> list[Path]:
+    """Complete checkpoints of a run directory, oldest first (temporary directories are ignored)."""
+    d = Path(run_dir) / "checkpoints"
+    if not d.is_dir():
+        return []
+    found = [p for p in d.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint directory from: None (the shipped demo model), a checkpoint dir, or a run dir (latest)."""
+    if path is None:
+        if not (DEMO_MODEL_DIR / META_FILE).exists():
+            raise PoEError("no demo model is shipped in this install; pass --model PATH (a checkpoint or run directory)")
+        return DEMO_MODEL_DIR
+    p = Path(path)
+    if not p.exists():
+        raise PoEError(f"model path {p} does not exist; pass a checkpoint or run directory")
+    if (p / META_FILE).exists() or (p / MODEL_FILE).exists():
+        return p
+    ckpts = checkpoints_in(p)
+    if not ckpts:
+        raise PoEError(f"{p} holds no checkpoint (no {META_FILE} and no checkpoints/step_*); train first or fix the path")
+    return ckpts[-1]
+
+
+def load_state(path, model) -> None:
+    """Load model.safetensors into `model`, checking names and shapes against its config."""
+    f = Path(path) / MODEL_FILE
+    try:
+        state = load_file(f)
+    except FileNotFoundError:
+        raise PoEError(f"{f} is missing; the checkpoint is incomplete") from None
+    except (SafetensorsError, OSError) as e:
+        raise PoEError(f"{f} is not a readable safetensors file ({e}); the checkpoint is corrupt") from None
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    bad = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or bad:
+        what = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
+                else f"shape of {bad[0]} is {tuple(state[bad[0]].shape)}, config wants {tuple(expected[bad[0]].shape)}")
+        raise PoEError(f"{f} does not match its config.json ({what}); the checkpoint is corrupt or mixed up")
+    with torch.no_grad():
+        for k, v in expected.items():
+            v.copy_(state[k])
+
+
+def load_model(path=None, device="cpu", dtype: torch.dtype = torch.float32):
+    """(model in eval mode, tokenizer or None) from a checkpoint / run directory / None = demo model."""
+    from .model import PoEGPT
+    from .tokenizer import TOKENIZER_FILE, Tokenizer
+    ckpt = resolve_checkpoint(path)
+    cfg = PoEConfig.load(ckpt)
+    with torch.device("meta"):
+        model = PoEGPT(cfg)
+    model = model.to_empty(device=device)
+    model.init_weights()  # buffers (rotary tables); weights are overwritten below
+    load_state(ckpt, model)
+    model = model.to(dtype).eval()
+    tok = Tokenizer.load(ckpt) if (ckpt / TOKENIZER_FILE).exists() else None
+    model.checkpoint_meta = read_meta(ckpt) if (ckpt / META_FILE).exists() else {}
+    return model, tok
+
+
+def load_training_state(path, optimizers) -> dict:
+    """Restore optimiser and RNG state from a checkpoint; return its meta."""
+    path = Path(path)
+    meta = read_meta(path)
+    try:
+        opt_tensors = load_file(path / "optimizer.safetensors")
+        opt_rest = json.loads((path / "optimizer.json").read_text())
+        rng_tensors = load_file(path / "rng.safetensors")
+    except (FileNotFoundError, SafetensorsError, json.JSONDecodeError) as e:
+        raise PoEError(f"{path} has no complete training state ({e}); it cannot be resumed from") from None
+    _unflatten_optimizer(optimizers, opt_tensors, opt_rest)
+    set_rng_state(rng_tensors, meta["rng"])
+    return meta
+
+
+def prune_checkpoints(run_dir, keep: int) -> None:
+    for old in checkpoints_in(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,111 @@
+"""Optimisers and schedule, as nanochat: Muon for the block matrices, AdamW for everything else.
+
+Muon (momentum 0.95 with Nesterov, 5 Newton–Schulz steps, lr 0.02, scaled by sqrt(max(1, rows/cols)))
+orthogonalises each matrix update. AdamW groups: heads (shared + stage heads) 0.004, token embedding
+0.2, value embeddings 0.1 — these three scaled by (d/768)^-0.5 — then resid_lambdas 0.005,
+x0_lambdas 0.5, smear/backout 0.2. The schedule is a linear warmup, a constant phase and a linear
+warmdown over the last `warmdown_ratio` of the run; Muon's momentum ramps 0.85 -> 0.95 over 300 steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .model import PoEGPT
+
+
+def zeropower_newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately orthogonalise G (the U·Vᵀ of its SVD) with a quintic Newton–Schulz iteration."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16()
+    transpose = X.size(-2) > X.size(-1)
+    if transpose:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    if transpose:
+        X = X.mT
+    return X.to(G.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
+                 weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                                      weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(g)
+                buf = state["momentum_buffer"]
+                buf.lerp_(g, 1 - group["momentum"])
+                g = g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                update = zeropower_newton_schulz(g, group["ns_steps"])
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"] * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)
+
+
+def build_optimizers(model: PoEGPT, matrix_lr: float = 0.02, unembedding_lr: float = 0.004,
+                     embedding_lr: float = 0.2, value_embedding_lr: float = 0.1, scalar_lr_scale: float = 1.0,
+                     weight_decay: float = 0.0) -> list[torch.optim.Optimizer]:
+    """[AdamW, Muon] over every parameter of the model, each in exactly one group."""
+    scale = (model.config.n_embd / 768) ** -0.5
+    matrices = [p for b in model.blocks for n, p in b.named_parameters() if "ve_gate" not in n]
+    ve_gates = [b.attn.ve_gate.weight for b in model.blocks if b.attn.ve_gate is not None]
+    heads = [model.lm_head.weight, *[h.weight for h in model.lm_head_stages]]
+
+    def group(params, lr, betas, wd):
+        return dict(params=params, lr=lr, initial_lr=lr, betas=betas, weight_decay=wd)
+    adam_groups = [
+        group(heads, unembedding_lr * scale, (0.8, 0.96), 0.01),
+        group([model.wte.weight], embedding_lr * scale, (0.8, 0.995), 0.001),
+        group(list(model.value_embeds.parameters()), value_embedding_lr * scale, (0.8, 0.995), 0.01),
+        group([model.resid_lambdas], 0.005 * scalar_lr_scale, (0.8, 0.95), 0.05),
+        group([model.x0_lambdas], 0.5 * scalar_lr_scale, (0.96, 0.95), 0.0),
+        group([model.smear_gate.weight, model.smear_lambda, model.backout_lambda, *ve_gates],
+              0.2 * scalar_lr_scale, (0.8, 0.95), 0.0),
+    ]
+    adam_groups = [g for g in adam_groups if g["params"]]
+    adamw = torch.optim.AdamW(adam_groups, eps=1e-10, foreach=False)
+    muon = Muon([dict(params=matrices, lr=matrix_lr, initial_lr=matrix_lr)], weight_decay=weight_decay)
+    covered = {id(p) for opt in (adamw, muon) for g in opt.param_groups for p in g["params"]}
+    assert covered == {id(p) for p in model.parameters()}, "every parameter must be in exactly one optimiser group"
+    return [adamw, muon]
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int = 0, warmdown_ratio: float = 0.2,
+                  final_lr_frac: float = 0.0) -> float:
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    warmdown = round(warmdown_ratio * total_steps)
+    if step <= total_steps - warmdown or warmdown == 0:
+        return 1.0
+    progress = (total_steps - step) / warmdown
+    return progress + (1 - progress) * final_lr_frac
+
+
+def muon_momentum(step: int) -> float:
+    frac = min(step / 300, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def set_schedule(optimizers: list[torch.optim.Optimizer], step: int, total_steps: int, warmup_steps: int,
+                 warmdown_ratio: float) -> float:
+    mult = lr_multiplier(step, total_steps, warmup_steps, warmdown_ratio)
+    for opt in optimizers:
+        for g in opt.param_groups:
+            g["lr"] = g["initial_lr"] * mult
+            if isinstance(opt, Muon):
+                g["momentum"] = muon_momentum(step)
+    return mult

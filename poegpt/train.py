@@ -1,0 +1,244 @@
+"""Training loop (SPEC §6): one process on a CPU or GPU; `--resume` continues bit for bit.
+
+Each step accumulates gradients over micro-batches until `tokens_per_step` tokens, then steps
+Muon + AdamW on nanochat's schedule. Every `eval_every` steps it measures validation BPB per stage,
+per prefix and for full PoE; every `save_every` steps it writes an atomic checkpoint holding the
+model, optimiser, schedule position, data position and every RNG state. Metrics go to
+`<out>/metrics.jsonl` and a plot to `<out>/bpb.png`.
+
+A run can be cut into chunks (`stop_at`): each invocation trains up to that step, saves and exits;
+`resume` picks the newest complete checkpoint and carries on with the saved arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import (checkpoints_in, load_state, load_training_state, prune_checkpoints, read_meta,
+                         save_checkpoint, STEP_PREFIX)
+from .config import PoEConfig
+from .errors import PoEError
+from .evaluate import stream_metrics
+from .model import PoEGPT
+from .optim import build_optimizers, set_schedule
+
+
+@dataclass
+class TrainArgs:
+    data: str                                   # prepared data directory (poegpt prepare)
+    out: str                                    # run directory: checkpoints/, metrics.jsonl, bpb.png
+    preset: str | None = "tiny"                 # or depth
+    depth: int | None = None
+    sequence_len: int | None = None             # override the preset's context
+    objective: str = "residual_logop"
+    local_weight: float = 0.0
+    stage_grad: str = "through"
+    steps: int = 200
+    batch_size: int = 8                         # rows per micro-batch
+    tokens_per_step: int | None = None          # default: one micro-batch
+    warmup_steps: int = 0
+    warmdown_ratio: float = 0.2
+    matrix_lr: float = 0.02
+    unembedding_lr: float = 0.004
+    embedding_lr: float = 0.2
+    eval_every: int = 100
+    eval_tokens: int = 65_536
+    save_every: int = 100
+    keep: int = 2
+    seed: int = 0
+    case_aug_p: float = 0.15
+    dtype: str = "fp32"                         # fp32 | bf16 (autocast)
+    device: str = "auto"
+    loss_chunk: int = 4096
+    progress: bool = True
+
+    def model_config(self, vocab_size: int) -> PoEConfig:
+        overrides = dict(vocab_size=vocab_size, objective=self.objective, local_weight=self.local_weight,
+                         stage_grad=self.stage_grad)
+        if self.sequence_len:
+            overrides["sequence_len"] = self.sequence_len
+        if self.depth is not None:
+            return PoEConfig.from_depth(self.depth, **overrides)
+        return PoEConfig.from_preset(self.preset or "tiny", **overrides)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PoEError("--device cuda asked but no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, dtype: str):
+    if dtype not in ("fp32", "bf16"):
+        raise PoEError(f"--dtype must be fp32 or bf16, got {dtype!r} (fp16 is not supported)")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+def measure_peak_flops(device: torch.device, dtype: str, n: int = 1024) -> float:
+    """Achievable dense matmul FLOP/s on this device and dtype (used as MFU's denominator)."""
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dt)
+    for _ in range(2):
+        a @ a
+    reps = 8
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ a
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def validation_metrics(model, args: TrainArgs, tokenizer, token_bytes, device, amp) -> dict:
+    from .data import TokenLoader
+    loader = TokenLoader(args.data, "val", args.batch_size, model.config.sequence_len, case_aug_p=0.0)
+    n_batches = max(1, args.eval_tokens // (args.batch_size * model.config.sequence_len))
+    batches = (tuple(t.to(device) for t in b) for b in loader.iter_batches(n_batches))
+    model.eval()
+    with amp:
+        m = stream_metrics(model, batches, token_bytes)
+    model.train()
+    return m
+
+
+def plot_metrics(run_dir: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    evals = [r for r in rows if "val" in r]
+    train = [r for r in rows if "loss" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8)
+        axes[0].set_xlabel("step"); axes[0].set_ylabel("training loss (objective)"); axes[0].set_title("training loss")
+    if evals:
+        steps = [r["step"] for r in evals]
+        K = len(evals[0]["val"]["bpb"]["stages"])
+        for k in range(K):
+            axes[1].plot(steps, [r["val"]["bpb"]["stages"][k] for r in evals], marker=".", label=f"stage {k}")
+        axes[1].plot(steps, [r["val"]["bpb"]["full"] for r in evals], marker="o", color="k", label="full PoE")
+        axes[1].set_xlabel("step"); axes[1].set_ylabel("validation BPB"); axes[1].legend()
+        axes[1].set_title("validation bits per byte")
+    fig.tight_layout()
+    fig.savefig(run_dir / "bpb.png", dpi=110)
+    plt.close(fig)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """After a resume, drop log rows past the checkpoint (the run will write them again)."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def resume_args(run_dir, steps: int | None = None, progress: bool = True) -> TrainArgs:
+    """The arguments a run was started with (from its newest checkpoint), optionally with a new length."""
+    ckpts = checkpoints_in(run_dir)
+    if not ckpts:
+        raise PoEError(f"{run_dir} holds no checkpoint to resume from; start it without --resume")
+    saved = read_meta(ckpts[-1])["train_args"]
+    saved["progress"] = progress
+    if steps is not None:
+        saved["steps"] = steps
+    return TrainArgs(**saved)
+
+
+def train(args: TrainArgs, resume: bool = False, stop_at: int | None = None) -> dict:
+    """Train (or resume) a run; returns the last metrics row."""
+    from .data import TokenLoader
+    from .tokenizer import Tokenizer
+    run_dir = Path(args.out)
+    ckpts = checkpoints_in(run_dir)
+    if ckpts and not resume:
+        raise PoEError(f"{run_dir} already holds checkpoints; pass --resume to continue, or choose a new --out")
+    latest = ckpts[-1] if ckpts else None
+    if args.steps < 1 or args.batch_size < 1:
+        raise PoEError("--steps and --batch-size must be >= 1")
+
+    device = resolve_device(args.device)
+    tokenizer = Tokenizer.load(args.data)
+    cfg = args.model_config(tokenizer.vocab_size)
+    micro_tokens = args.batch_size * cfg.sequence_len
+    tokens_per_step = args.tokens_per_step or micro_tokens
+    if tokens_per_step % micro_tokens:
+        raise PoEError(f"--tokens-per-step ({tokens_per_step}) must be a multiple of batch_size × sequence_len "
+                       f"({micro_tokens})")
+    accum = tokens_per_step // micro_tokens
+
+    torch.manual_seed(args.seed)
+    model = PoEGPT(cfg).to(device)
+    optimizers = build_optimizers(model, matrix_lr=args.matrix_lr, unembedding_lr=args.unembedding_lr,
+                                  embedding_lr=args.embedding_lr)
+    loader = TokenLoader(args.data, "train", args.batch_size, cfg.sequence_len, tokenizer=tokenizer,
+                         case_aug_p=args.case_aug_p, seed=args.seed)
+    step, last_val = 0, None
+    if latest is not None:
+        load_state(latest, model)
+        meta = load_training_state(latest, optimizers)
+        loader.load_state_dict(meta["data_state"])
+        step, last_val = meta["step"], meta.get("val")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = run_dir / "metrics.jsonl"
+    if latest is not None:
+        _truncate_metrics(metrics_path, step)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    token_bytes = torch.tensor(tokenizer.token_byte_lengths(), device=device)
+    amp = autocast_for(device, args.dtype)
+    flops_per_token = model.train_flops_per_token()
+    peak = measure_peak_flops(device, args.dtype)
+    end = args.steps if stop_at is None else min(stop_at, args.steps)
+
+    from tqdm import tqdm
+    bar = tqdm(total=end, initial=step, disable=not args.progress, desc="train", dynamic_ncols=True)
+    row: dict = {}
+    model.train()
+    while step < end:
+        t0 = time.perf_counter()
+        lr_mult = set_schedule(optimizers, step, args.steps, args.warmup_steps, args.warmdown_ratio)
+        loss_sum, stage_sum = 0.0, None
+        for _ in range(accum):
+            x, y = (t.to(device) for t in loader.next_batch())
+            with amp:
+                loss, stage_ce = model(x, y, loss_chunk=args.loss_chunk)
+            (loss / accum).backward()
+            loss_sum += loss.item() / accum
+            stage_sum = stage_ce / accum if stage_sum is None else stage_sum + stage_ce / accum
+        if not math.isfinite(loss_sum):
+            raise PoEError(f"the loss became {loss_sum} at step {step}; lower the learning rates or use fp32")
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        step += 1
+        dt = time.perf_counter() - t0
+        tok_s = tokens_per_step / dt
+        row = {"step": step, "loss": loss_sum, "stage_ce": stage_sum.tolist(), "lr_mult": lr_mult,
+               "tokens": step * tokens_per_step, "tok_s": tok_s, "mfu": flops_per_token * tok_s / peak}
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * row['mfu']:.1f}%")
+        if step % args.eval_every == 0 or step == args.steps:
+            last_val = validation_metrics(model, args, tokenizer, token_bytes, device, amp)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps({"step": step, "val": last_val}) + "\n")
+            bar.write(f"step {step}: val BPB full {last_val['bpb']['full']:.4f} | stages "
+                      + " ".join(f"{b:.4f}" for b in last_val["bpb"]["stages"]))
+            plot_metrics(run_dir)
+        if step % args.save_every == 0 or step == end:
+            meta = {"step": step, "data_state": loader.state_dict(), "train_args": dataclasses.asdict(args),
+                    "val": last_val, "tokens": step * tokens_per_step}
+            save_checkpoint(run_dir / "checkpoints" / f"{STEP_PREFIX}{step:06d}", model, tokenizer, meta, optimizers)
+            prune_checkpoints(run_dir, args.keep)
+    bar.close()
+    return {**row, "val": last_val, "step": step}
