@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import PoEConfig
@@ -194,7 +194,7 @@ def load_state(path, model) -> None:
         state = load_file(f)
     except FileNotFoundError:
         raise PoEError(f"{f} is missing; the checkpoint is incomplete") from None
-    except (SafetensorsError, OSError) as e:
+    except (SafetensorError, OSError) as e:
         raise PoEError(f"{f} is not a readable safetensors file ({e}); the checkpoint is corrupt") from None
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
@@ -233,7 +233,7 @@ def load_training_state(path, optimizers) -> dict:
         opt_tensors = load_file(path / "optimizer.safetensors")
         opt_rest = json.loads((path / "optimizer.json").read_text())
         rng_tensors = load_file(path / "rng.safetensors")
-    except (FileNotFoundError, SafetensorsError, json.JSONDecodeError) as e:
+    except (FileNotFoundError, SafetensorError, json.JSONDecodeError) as e:
         raise PoEError(f"{path} has no complete training state ({e}); it cannot be resumed from") from None
     _unflatten_optimizer(optimizers, opt_tensors, opt_rest)
     set_rng_state(rng_tensors, meta["rng"])
