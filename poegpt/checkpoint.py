@@ -15,7 +15,6 @@ Nothing is unpickled: tensors come from safetensors, everything else from JSON.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -25,46 +24,12 @@ from safetensors.torch import load_file, save_file
 
 from .config import PoEConfig
 from .errors import PoEError
+from .fileio import atomic_directory_write, write_json_atomic
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
 STEP_PREFIX = "step_"
 DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo"
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True))
-
-
-def atomic_directory_write(final: Path, write_fn) -> Path:
-    """Call write_fn(tmp_dir) to fill a temporary sibling of `final`, fsync it, rename it to `final`."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    write_fn(tmp)
-    for f in tmp.iterdir():
-        _fsync_path(f)
-    _fsync_path(tmp)
-    if final.exists():  # replacing: move the old one aside first so `final` is never half-written
-        old = final.parent / f".old-{final.name}-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, final)
-    _fsync_path(final.parent)
-    return final
 
 
 def _flatten_optimizer(opts: list[torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], list]:
@@ -131,7 +96,7 @@ def save_checkpoint(path, model, tokenizer=None, meta: dict | None = None, optim
                     dtype: torch.dtype | None = None) -> Path:
     """Write a checkpoint directory atomically. `optimizers` adds optimiser + RNG state (for --resume)."""
     def write(tmp: Path):
-        write_json(tmp / "config.json", model.config.to_dict())
+        write_json_atomic(tmp / "config.json", model.config.to_dict())
         state = {k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu()
                  for k, v in model.state_dict().items()}
         save_file(state, tmp / MODEL_FILE)
@@ -143,11 +108,11 @@ def save_checkpoint(path, model, tokenizer=None, meta: dict | None = None, optim
         if optimizers is not None:
             opt_tensors, opt_rest = _flatten_optimizer(optimizers)
             save_file(opt_tensors, tmp / "optimizer.safetensors")
-            write_json(tmp / "optimizer.json", opt_rest)
+            write_json_atomic(tmp / "optimizer.json", opt_rest)
             rng_tensors, rng_other = rng_state()
             save_file(rng_tensors, tmp / "rng.safetensors")
             m["rng"] = rng_other
-        write_json(tmp / META_FILE, m)
+        write_json_atomic(tmp / META_FILE, m)
     return atomic_directory_write(Path(path), write)
 
 

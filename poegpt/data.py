@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from poegpt.errors import PoEError
+from poegpt.fileio import atomic_directory_write, write_json_atomic
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 ASSETS_DIR = Path(__file__).parent / "assets"
@@ -512,10 +513,10 @@ def prepare(mixture: Mixture | str, tokenizer, out_dir, max_tokens: int | None =
         # replacing is only safe for a directory that prepare made; never delete someone's files
         raise PoEError(f"{out_dir} exists and is not a prepared data directory; choose another out_dir")
     dtype = token_dtype(tokenizer.vocab_size)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "spill").mkdir(parents=True)
-    try:
+    result = {}
+
+    def write(tmp: Path) -> None:
+        (tmp / "spill").mkdir()
         spilled = [_tokenize_source(s, i, tokenizer, tmp / "spill", dtype, mixture.val_fraction, seed,
                                     None if max_tokens is None else math.ceil(s.share * max_tokens),
                                     batch_docs, progress)
@@ -527,14 +528,12 @@ def prepare(mixture: Mixture | str, tokenizer, out_dir, max_tokens: int | None =
         val_items = [(i, d) for i, st in enumerate(spilled) for d, v in enumerate(st.is_val) if v]
         shards = _write_split(tmp, "train", train_items, spilled, dtype, shard_tokens)
         shards += _write_split(tmp, "val", val_items, spilled, dtype, shard_tokens)
-        manifest = _manifest(mixture, tokenizer, dtype, seed, max_tokens, shards, spilled, train_items, val_items)
+        result.update(_manifest(mixture, tokenizer, dtype, seed, max_tokens, shards, spilled, train_items, val_items))
         shutil.rmtree(tmp / "spill")
-        write_json_atomic(tmp / MANIFEST, manifest)
-        _swap_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
+        write_json_atomic(tmp / MANIFEST, result)
+
+    atomic_directory_write(out_dir, write)
+    return result
 
 
 def _tokenize_source(source: Source, index: int, tokenizer, spill_dir: Path, dtype, val_fraction: float,
@@ -684,28 +683,6 @@ def _manifest(mixture, tokenizer, dtype, seed, max_tokens, shards, spilled, trai
         "recipe": mixture.to_dict(),
     }
 
-
-def write_json_atomic(path, obj) -> None:
-    """Write JSON to a temp file and os.replace it: readers see the old file or the new, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished tmp dir to out_dir, replacing an earlier prepare's output."""
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
 
 # -----------------------------------------------------------------------------
 # Loading prepared data

@@ -25,7 +25,6 @@ import base64
 import codecs
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -33,6 +32,7 @@ import rustbpe
 import tiktoken
 
 from poegpt.errors import PoEError
+from poegpt.fileio import write_json_atomic
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # every document starts with this
@@ -119,16 +119,7 @@ class Tokenizer:
             "mergeable_ranks": [[base64.b64encode(b).decode("ascii"), r] for b, r in ranks],
             "special_tokens": dict(self._special),
         }
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=TOKENIZER_FILE + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(state, f, ensure_ascii=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_json_atomic(path, state, indent=None, ensure_ascii=True)
         return path
 
     @classmethod
