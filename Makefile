@@ -17,7 +17,7 @@ install: .venv/.installed
 # Train a small PoE model on the bundled multilingual sample, evaluate it, generate from it.
 demo: install
 	$(POEGPT) tokenizer --recipe sample --vocab-size 2048 --out $(DEMO)/tokenizer
-	$(POEGPT) prepare --recipe sample --tokenizer $(DEMO)/tokenizer --out $(DEMO)/tokenizer
+	$(POEGPT) prepare --recipe sample --tokenizer $(DEMO)/tokenizer --out $(DEMO)/data
 	$(POEGPT) train --data $(DEMO)/data --out $(DEMO)/run --depth 4 --sequence-len 256 --batch-size 8 \
 		--steps $(DEMO_STEPS) --eval-every 100 --save-every 100 --eval-tokens 32768 --resume
 	$(POEGPT) eval --model $(DEMO)/run --data $(DEMO)/data --prompts poegpt/assets/prompts.jsonl --out $(DEMO)/eval
