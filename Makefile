@@ -2,7 +2,7 @@
 PY ?= .venv/bin/python
 POEGPT = $(PY) -m poegpt.cli
 DEMO ?= runs/demo
-DEMO_STEPS ?= 300
+DEMO_STEPS ?= 120
 
 .PHONY: install demo test test-all clean
 
@@ -19,7 +19,7 @@ demo: install
 	$(POEGPT) tokenizer --recipe sample --vocab-size 2048 --out $(DEMO)/tokenizer
 	$(POEGPT) prepare --recipe sample --tokenizer $(DEMO)/tokenizer --out $(DEMO)/data
 	$(POEGPT) train --data $(DEMO)/data --out $(DEMO)/run --depth 4 --sequence-len 256 --batch-size 8 \
-		--steps $(DEMO_STEPS) --eval-every 100 --save-every 100 --eval-tokens 32768 --resume
+		--steps $(DEMO_STEPS) --eval-every 40 --save-every 40 --eval-tokens 32768 --resume
 	$(POEGPT) eval --model $(DEMO)/run --data $(DEMO)/data --prompts poegpt/assets/prompts.jsonl --out $(DEMO)/eval
 	$(POEGPT) generate --model $(DEMO)/run --max-new-tokens 48 \
 		--prompt "The capital of France is" --prompt "대한민국의 수도는" --prompt "def fibonacci(n):"

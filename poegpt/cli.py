@@ -156,7 +156,8 @@ def cmd_generate(a) -> None:
         out = model.generate(ids, max_new_tokens=a.max_new_tokens, do_sample=a.temperature > 0,
                              temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                              seed=None if a.seed is None else a.seed + i, eos_token_id=tok.bos_id)
-        text = tok.decode(out[0, ids.size(1):].tolist(), skip_special_tokens=True)
+        decoder = tok.stream_decoder()  # a character cut off by the length limit is held back, not garbled
+        text = "".join(decoder.push(t) for t in out[0, ids.size(1):].tolist())
         print(f"{p}{text}")
 
 

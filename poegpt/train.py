@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,7 +201,9 @@ def train(args: TrainArgs, resume: bool = False, stop_at: int | None = None) -> 
     end = args.steps if stop_at is None else min(stop_at, args.steps)
 
     from tqdm import tqdm
-    bar = tqdm(total=end, initial=step, disable=not args.progress, desc="train", dynamic_ncols=True)
+    interactive = args.progress and sys.stderr.isatty()  # a bar on a terminal, plain log lines in a log file
+    bar = tqdm(total=end, initial=step, disable=not interactive, desc="train", dynamic_ncols=True)
+    log_every = max(1, (end - step) // 20)
     row: dict = {}
     model.train()
     while step < end:
@@ -228,6 +231,9 @@ def train(args: TrainArgs, resume: bool = False, stop_at: int | None = None) -> 
             f.write(json.dumps(row) + "\n")
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * row['mfu']:.1f}%")
+        if args.progress and not interactive and (step % log_every == 0 or step == end):
+            print(f"step {step}/{args.steps} | loss {loss_sum:.4f} | {tok_s:,.0f} tok/s | MFU {100 * row['mfu']:.1f}%",
+                  flush=True)
         if step % args.eval_every == 0 or step == args.steps:
             last_val = validation_metrics(model, args, tokenizer, token_bytes, device, amp)
             with open(metrics_path, "a") as f:
