@@ -10,8 +10,8 @@ Presets:
             V=48,000, context 2,048; exactly 1,507,591,082 parameters
     demo  - the shipped default model (defined where it is trained)
 
-`PoEConfig.from_depth(n)` is nanochat's depth dial: width 64·n, heads of 128 (64 when narrow),
-half as many KV heads, and a stage layout in the card's proportions 12:5:4:3.
+`PoEConfig.from_depth(n)` is nanochat's depth dial: width 64·n rounded up to whole heads of 128
+(64 when narrower than 512), KV heads the largest proper divisor of the head count (GQA), and a stage layout in the card's proportions 12:5:4:3.
 """
 
 from __future__ import annotations
@@ -134,10 +134,10 @@ class PoEConfig:
     def from_depth(cls, depth: int, vocab_size: int = 48_000, sequence_len: int = 2048, **overrides) -> "PoEConfig":
         if not isinstance(depth, int) or depth < 4:
             raise PoEError(f"depth must be an integer >= 4 (one layer per stage at least), got {depth!r}")
-        n_embd = 64 * depth
-        head_dim = 128 if n_embd >= 512 else 64
-        n_head = max(1, n_embd // head_dim)
-        n_kv_head = n_head // 2 if n_head % 2 == 0 else n_head
+        head_dim = 128 if 64 * depth >= 512 else 64
+        n_embd = math.ceil(64 * depth / head_dim) * head_dim   # aspect ratio 64, whole heads
+        n_head = n_embd // head_dim
+        n_kv_head = max(g for g in range(1, n_head) if n_head % g == 0) if n_head > 1 else 1  # GQA
         cfg = dict(vocab_size=vocab_size, n_layer=depth, n_embd=n_embd, n_head=n_head, n_kv_head=n_kv_head,
                    head_dim=head_dim, sequence_len=sequence_len, stage_layout=card_stage_layout(depth),
                    extra={"depth": depth})

@@ -1,95 +1,272 @@
-"""Generation: prefill the prompt into a preallocated KV cache, then decode one token at a time.
+"""The generation engine: prefill into a preallocated KV cache, then decode one token at a time.
 
-Each step evaluates the stages, combines them with Log-OP (SPEC §2) and picks the next token:
-argmax when greedy, else a draw from the temperature / top-k / top-p filtered distribution using
-a seeded generator. Rows that emit EOS keep emitting EOS; generation stops when all rows have.
+One loop serves the four static PoE modes — full, prefix, single stage, weighted composition —
+which differ only in which stages they combine (SPEC §8): a `StageMix` names the stages and their
+weights, and the loop runs the trunk only to the deepest selected boundary. WAND (`wand.py`) and
+self-speculative decoding (`speculative.py`) use the same cache, sampling and row bookkeeping.
+
+Batches of prompts of different lengths are right-padded for the prefill, after which every row
+decodes at its own position (the cache keeps per-row lengths), so each row computes exactly what it
+would alone. Sampling: greedy, or temperature / top-k / top-p with a seeded generator. Rows that
+emit EOS stop; text-level stop strings and streaming live in `stream_text`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .errors import PoEError
-from .logop import logop
+from .logop import logop, normalise_weights
 from .model import KVCache
 
 
-def check_generation_args(model, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                          top_k: int | None = None, top_p: float | None = None) -> None:
-    ctx = model.config.sequence_len
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int):
-        raise PoEError("ids must be a (batch, length) integer tensor of token ids")
-    if ids.size(1) == 0:
-        raise PoEError("the prompt is empty; give at least one token (encode() prepends <|bos|>)")
-    if ids.numel() and (ids.min() < 0 or ids.max() >= model.config.vocab_size):
-        raise PoEError(f"token ids must be in 0..{model.config.vocab_size - 1}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+@dataclass(frozen=True)
+class Sampling:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not (self.temperature >= 0):
+            raise PoEError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
+            raise PoEError(f"top_k must be a positive integer, got {self.top_k!r}")
+        if self.top_p is not None and not (0 < self.top_p <= 1):
+            raise PoEError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+    def generator(self, device) -> torch.Generator | None:
+        return None if self.seed is None else torch.Generator(device=device).manual_seed(int(self.seed))
+
+
+@dataclass(frozen=True)
+class StageMix:
+    """Which stages a static mode combines, with Log-OP weights (None = uniform) or entropy alpha."""
+    stages: tuple[int, ...]
+    weights: tuple[float, ...] | None = None
+    alpha: float = 0.0
+
+    @property
+    def depth(self) -> int:
+        """How many stages of the trunk must run: up to the deepest selected one."""
+        return max(self.stages) + 1
+
+    @classmethod
+    def full(cls, K: int, alpha: float = 0.0) -> "StageMix":
+        return cls(tuple(range(K)), None, alpha)
+
+    @classmethod
+    def prefix(cls, K: int, max_stages) -> "StageMix":
+        if isinstance(max_stages, bool) or not isinstance(max_stages, int) or not 1 <= max_stages <= K:
+            raise PoEError(f"max_stages must be an integer in 1..{K}, got {max_stages!r}")
+        return cls(tuple(range(max_stages)))
+
+    @classmethod
+    def single(cls, K: int, stage) -> "StageMix":
+        check_stage(stage, K, "stage")
+        return cls((stage,))
+
+    @classmethod
+    def composition(cls, K: int, stages, stage_weights=None) -> "StageMix":
+        if stages is None or len(stages) == 0:
+            raise PoEError("stages is empty; select at least one stage to compose")
+        for s in stages:
+            check_stage(s, K, "stages")
+        if len(set(stages)) != len(stages):
+            raise PoEError(f"stages has duplicates: {list(stages)}; list each stage once")
+        weights = None if stage_weights is None else tuple(normalise_weights(stage_weights, len(stages)))
+        return cls(tuple(stages), weights)
+
+    def logprobs(self, model, hs: list[torch.Tensor]) -> torch.Tensor:
+        """Log-OP log-probs (..., V) of the selected stages from the trunk's boundary states."""
+        logps = [F.log_softmax(model.stage_logits(hs[k], k), -1) for k in self.stages]
+        return logop(logps, self.weights, self.alpha if self.weights is None else 0.0)
+
+
+def check_stage(stage, K: int, name: str) -> None:
+    if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < K:
+        raise PoEError(f"{name} must be integers in 0..{K - 1}, got {stage!r}")
+
+
+def to_rows(ids) -> list[list[int]]:
+    """Prompts as lists of token ids: from a (B, T) tensor or a list of lists (any lengths)."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32, torch.int64):
+            raise PoEError("ids must be a (batch, length) integer tensor of token ids")
+        return ids.tolist()
+    rows = [list(r) for r in ids]
+    if not rows:
+        raise PoEError("no prompts given")
+    return rows
+
+
+def check_prompts(model, rows: list[list[int]], max_new_tokens) -> None:
+    ctx, V = model.config.sequence_len, model.config.vocab_size
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise PoEError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if ids.size(1) + max_new_tokens > ctx:
-        raise PoEError(f"This model's maximum context length is {ctx} tokens; the prompt has {ids.size(1)} and "
-                       f"max_new_tokens asks {max_new_tokens} more. Shorten the prompt or max_new_tokens.")
-    if not (temperature >= 0):
-        raise PoEError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise PoEError(f"top_k must be a positive integer, got {top_k!r}")
-    if top_p is not None and not (0 < top_p <= 1):
-        raise PoEError(f"top_p must be in (0, 1], got {top_p}")
+    for r in rows:
+        if len(r) == 0:
+            raise PoEError("the prompt is empty; give at least one token (encode() prepends <|bos|>)")
+        if min(r) < 0 or max(r) >= V:
+            raise PoEError(f"token ids must be in 0..{V - 1}")
+        if len(r) + max_new_tokens > ctx:
+            raise PoEError(f"This model's maximum context length is {ctx} tokens. However, you requested "
+                           f"{len(r) + max_new_tokens} tokens ({len(r)} in the prompt, {max_new_tokens} for the "
+                           f"completion). Please reduce the prompt or max_new_tokens.")
 
 
 def filter_logprobs(logp: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Temperature then top-k then top-p (nucleus) filtering of log-probs (B, V); returns log-probs."""
+    """Temperature, then top-k, then top-p (nucleus) filtering of log-probs (B, V); returns log-probs."""
     logp = F.log_softmax(logp / temperature, dim=-1)
     if top_k is not None and top_k < logp.size(-1):
         kth = torch.topk(logp, top_k, dim=-1).values[..., -1:]
         logp = logp.masked_fill(logp < kth, float("-inf"))
     if top_p is not None and top_p < 1:
         sorted_lp, order = torch.sort(logp, dim=-1, descending=True)
-        before = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()         # mass strictly above each token
-        drop = before >= top_p                                        # the top token always stays
+        probs = sorted_lp.exp()
+        drop = probs.cumsum(-1) - probs >= top_p                    # mass strictly above; the top token stays
         logp = logp.scatter(-1, order, sorted_lp.masked_fill(drop, float("-inf")))
     return F.log_softmax(logp, dim=-1)
 
 
-def pick_token(logp: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
-               generator: torch.Generator | None) -> torch.Tensor:
-    """Next token (B,) from full-distribution log-probs (B, V)."""
-    if not do_sample or temperature == 0:
+def sampling_logprobs(logp: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """The distribution the sampler draws from (after filtering)."""
+    return filter_logprobs(logp, sampling.temperature, sampling.top_k, sampling.top_p)
+
+
+def pick(logp: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token (B,) from log-probs (B, V): argmax when greedy, else a draw from the filtered distribution."""
+    if sampling.greedy:
         return logp.argmax(-1)
-    probs = filter_logprobs(logp, temperature, top_k, top_p).exp()
+    probs = sampling_logprobs(logp, sampling).exp()
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def make_generator(seed: int | None, device) -> torch.Generator | None:
-    if seed is None:
-        return None
-    return torch.Generator(device=device).manual_seed(int(seed))
-
-
-@torch.no_grad()
-def generate(model, ids: torch.Tensor, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             eos_token_id: int | None = None, n_stages: int | None = None) -> torch.Tensor:
-    """Full-PoE (or first-n-stages prefix PoE) generation with a KV cache: (B, T) -> (B, T + new)."""
-    check_generation_args(model, ids, max_new_tokens, temperature, top_k, top_p)
-    cfg = model.config
-    B, T = ids.shape
-    device = ids.device
+def new_cache(model, batch: int, max_len: int) -> KVCache:
+    p = model.rope_cos
     dtype = next(model.parameters()).dtype
-    cache = KVCache(cfg, B, T + max_new_tokens, dtype=dtype, device=device)
-    generator = make_generator(seed, device)
-    out = ids
+    return KVCache(model.config, batch, max_len, dtype=dtype, device=p.device)
+
+
+def prefill(model, cache: KVCache, rows: list[list[int]], n_stages: int) -> list[torch.Tensor]:
+    """Run the prompts (right-padded) through the first n stages; boundary states at each row's last token."""
+    device = model.rope_cos.device
+    T = max(len(r) for r in rows)
+    idx = torch.tensor([r + [0] * (T - len(r)) for r in rows], device=device)
+    hs = model.trunk(idx, n_stages, cache)
+    cache.lengths = [len(r) for r in rows]        # padding positions are beyond each row's end: never seen
+    last = torch.tensor([len(r) - 1 for r in rows], device=device)
+    rows_ix = torch.arange(len(rows), device=device)
+    return [h[rows_ix, last] for h in hs]
+
+
+@dataclass
+class Generation:
+    """What a generation produced, per row: new token ids, and for some modes per-token extras."""
+    tokens: list[list[int]]
+    stages_used: list[list[int]] | None = None       # WAND: the stage that emitted each token
+    accepted: int = 0                                 # speculative: accepted draft tokens
+    drafted: int = 0                                  # speculative: drafted tokens
+    passes: int = 0                                   # speculative: verification passes
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+def decode_static(model, rows: list[list[int]], mix: StageMix, max_new_tokens: int, sampling: Sampling,
+                  eos_token_id: int | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row (B,) at each step; rows past EOS keep yielding EOS."""
+    check_prompts(model, rows, max_new_tokens)
+    if max_new_tokens == 0:
+        return
+    device = model.rope_cos.device
+    B = len(rows)
+    cache = new_cache(model, B, max(len(r) for r in rows) + max_new_tokens)
+    generator = sampling.generator(device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    step_ids = ids
-    for _ in range(max_new_tokens):
-        hs = model.trunk(step_ids, n_stages, cache)
-        logps = [F.log_softmax(model.stage_logits(h[:, -1], k), -1) for k, h in enumerate(hs)]
-        nxt = pick_token(logop(logps, alpha=cfg.poe_alpha), do_sample, temperature, top_k, top_p, generator)
+    hs = prefill(model, cache, rows, mix.depth)
+    for step in range(max_new_tokens):
+        nxt = pick(mix.logprobs(model, hs), sampling, generator)
         if eos_token_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
             done = done | (nxt == eos_token_id)
-        out = torch.cat([out, nxt[:, None]], dim=1)
-        step_ids = nxt[:, None]
-        if eos_token_id is not None and bool(done.all()):
-            break
-    return out
+        yield nxt
+        if step + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
+            return
+        hs = [h[:, -1] for h in model.trunk(nxt[:, None], mix.depth, cache)]
+
+
+def finish_rows(tokens: list[list[int]], eos_token_id: int | None) -> list[list[int]]:
+    """Cut every row after its first EOS (kept, as HF does)."""
+    if eos_token_id is None:
+        return tokens
+    return [r[: r.index(eos_token_id) + 1] if eos_token_id in r else r for r in tokens]
+
+
+@torch.no_grad()
+def run_static(model, ids, mix: StageMix, max_new_tokens: int, sampling: Sampling,
+               eos_token_id: int | None = None) -> Generation:
+    rows = to_rows(ids)
+    steps = list(decode_static(model, rows, mix, max_new_tokens, sampling, eos_token_id))
+    tokens = torch.stack(steps, 1).tolist() if steps else [[] for _ in rows]
+    return Generation(finish_rows(tokens, eos_token_id))
+
+
+def as_output(ids, gen: Generation, pad_token_id: int | None = None) -> torch.Tensor:
+    """HF-style (B, T + new) output: prompt then new tokens, right-padded with pad (or EOS) when rows differ."""
+    rows = to_rows(ids)
+    seqs = [r + t for r, t in zip(rows, gen.tokens)]
+    width = max(len(s) for s in seqs)
+    pad = 0 if pad_token_id is None else pad_token_id
+    device = ids.device if isinstance(ids, torch.Tensor) else None
+    return torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+
+
+def stream_text(tokenizer, token_steps: Iterator[Sequence[int]], n_rows: int, stop: Sequence[str] = ()) \
+        -> Iterator[tuple[int, str, str | None]]:
+    """Turn per-step token ids into per-row text deltas: yields (row, text, finish_reason or None).
+
+    Text never splits a UTF-8 character (bytes are held back until complete). A row ends at its
+    first stop string (excluded from the text, reason "stop"), at EOS handled by the caller, or when
+    the steps run out (reason "length")."""
+    decoders = [tokenizer.stream_decoder() for _ in range(n_rows)]
+    texts = [""] * n_rows
+    emitted = [0] * n_rows
+    finished = [False] * n_rows
+    hold = max((len(s) for s in stop), default=1) - 1   # a stop string may still be forming
+    for step in token_steps:
+        for r, t in enumerate(step):
+            if finished[r]:
+                continue
+            if t is None:                                 # the caller ended this row (EOS)
+                finished[r] = True
+                yield r, texts[r][emitted[r]:], "stop"
+                continue
+            texts[r] += decoders[r].push(int(t))
+            cut = min((i for i in (texts[r].find(s) for s in stop) if i >= 0), default=-1)
+            if cut >= 0:
+                finished[r] = True
+                yield r, texts[r][emitted[r]:cut], "stop"
+                continue
+            safe = max(emitted[r], len(texts[r]) - hold)
+            if safe > emitted[r]:
+                yield r, texts[r][emitted[r]:safe], None
+                emitted[r] = safe
+        if all(finished):
+            return
+    for r in range(n_rows):
+        if not finished[r]:
+            yield r, texts[r][emitted[r]:], "length"

@@ -52,14 +52,23 @@ def attention_mask(q_pos0: int, n_q: int, n_k: int, window: int, device) -> torc
     None when plain causal attention with aligned ends (no cache offset) already is the rule."""
     if q_pos0 == 0 and n_q == n_k and window >= n_q - 1:
         return None
-    q = torch.arange(q_pos0, q_pos0 + n_q, device=device)[:, None]
-    k = torch.arange(n_k, device=device)[None, :]
+    return window_mask(torch.arange(q_pos0, q_pos0 + n_q, device=device), n_k, window)
+
+
+def window_mask(q_pos: torch.Tensor, n_k: int, window: int) -> torch.Tensor:
+    """(..., n_q, n_k) mask for queries at absolute positions q_pos (..., n_q) over keys 0 .. n_k-1."""
+    q = q_pos[..., None]
+    k = torch.arange(n_k, device=q_pos.device)
     return (k <= q) & (q - k <= window)
 
 
+Positions = "int | torch.Tensor"  # one start position for every row, or (B, T) absolute positions
+
+
 class KVCache:
-    """Preallocated keys/values per layer (gpt-fast style): k[i], v[i] of shape (B, G, max_len, D).
-    `pos` counts the tokens stored; `prev_embed` keeps the last token's normed embedding for smear."""
+    """Preallocated keys/values per layer (gpt-fast style): k[i], v[i] of shape (B, G, max_len, D),
+    plus every position's normed token embedding (B, max_len, d), which the smear gate of the next
+    position reads. Rows may hold different numbers of tokens: `lengths[b]` is row b's."""
 
     def __init__(self, config: PoEConfig, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
         if max_len > config.sequence_len:
@@ -67,17 +76,46 @@ class KVCache:
         shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.embeds = torch.zeros(batch_size, max_len, config.n_embd, dtype=dtype, device=device)
         self.max_len = max_len
-        self.pos = 0
-        self.prev_embed: torch.Tensor | None = None
+        self.lengths = [0] * batch_size
 
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write (B, G, T, D) keys/values at positions pos.. and return the layer's keys/values so far."""
-        end = pos + k.size(2)
+    @property
+    def pos(self) -> int:
+        if any(n != self.lengths[0] for n in self.lengths):
+            raise PoEError("rows of this cache hold different lengths; use cache.lengths")
+        return self.lengths[0]
+
+    def positions(self, T: int, device) -> Positions:
+        """Positions of T new tokens per row: an int when all rows are aligned, else a (B, T) tensor."""
+        if all(n == self.lengths[0] for n in self.lengths):
+            return self.lengths[0]
+        return torch.tensor(self.lengths, device=device)[:, None] + torch.arange(T, device=device)
+
+    def check_room(self, end: int) -> None:
         if end > self.max_len:
             raise PoEError(f"sequence of {end} tokens exceeds the KV cache of {self.max_len}")
-        self.k[layer][:, :, pos:end] = k
-        self.v[layer][:, :, pos:end] = v
+
+    def write(self, buf: torch.Tensor, value: torch.Tensor, pos: Positions, dim: int) -> int:
+        """Write value (T along `dim`) into buf at positions pos; return the number of keys now in view."""
+        T = value.size(dim)
+        if isinstance(pos, int):
+            self.check_room(pos + T)
+            buf.narrow(dim, pos, T).copy_(value)
+            return pos + T
+        end = int(pos.max()) + 1
+        self.check_room(end)
+        rows = torch.arange(buf.size(0), device=buf.device)[:, None]
+        if dim == 2:   # (B, G, L, D) <- (B, G, T, D)
+            buf[rows, :, pos] = value.transpose(1, 2)
+        else:          # (B, L, d) <- (B, T, d)
+            buf[rows, pos] = value
+        return end
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: Positions):
+        """Write (B, G, T, D) keys/values at positions pos and return the layer's keys/values in view."""
+        end = self.write(self.k[layer], k, pos, 2)
+        self.write(self.v[layer], v, pos, 2)
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
@@ -94,7 +132,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_head * hd, d, bias=False)
         self.ve_gate = nn.Linear(12, config.n_kv_head, bias=False) if config.has_value_embed(layer) else None
 
-    def forward(self, x, ve, cos, sin, pos: int, cache: KVCache | None):
+    def forward(self, x, ve, cos, sin, pos: Positions, cache: KVCache | None):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -107,7 +145,10 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|G, T, D)
         if cache is not None:
             k, v = cache.store(self.layer, k, v, pos)
-        mask = attention_mask(pos, T, k.size(2), self.window, x.device)
+        if isinstance(pos, int):
+            mask = attention_mask(pos, T, k.size(2), self.window, x.device)
+        else:
+            mask = window_mask(pos, k.size(2), self.window).unsqueeze(1)  # (B, 1, T, n_k)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_head != self.n_kv_head)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -201,23 +242,37 @@ class PoEGPT(nn.Module):
         self.rope_cos, self.rope_sin = cos, sin
 
     # --- trunk -----------------------------------------------------------------------------------
-    def embed(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Normed token embedding plus the smear of the previous token's: (B, T) -> (B, T, d)."""
+    def embed(self, idx: torch.Tensor, cache: KVCache | None = None, pos: Positions = 0) -> torch.Tensor:
+        """Normed token embedding plus the smear of the previous token's: (B, T) -> (B, T, d).
+        With a cache, the embeddings are stored at `pos` and the previous position's is read back."""
         x = norm(self.wte(idx))
-        prev = torch.cat([cache.prev_embed, x[:, :-1]], 1) if cache is not None and cache.prev_embed is not None \
-            else F.pad(x[:, :-1], (0, 0, 1, 0))                     # position 0 of a sequence has no predecessor
-        if cache is not None:
-            cache.prev_embed = x[:, -1:].detach()
+        if cache is None:
+            prev = F.pad(x[:, :-1], (0, 0, 1, 0))                   # position 0 has no predecessor
+        else:
+            cache.write(cache.embeds, x, pos, 1)
+            before = pos - 1 if isinstance(pos, int) else None
+            if isinstance(pos, int):
+                first = cache.embeds[:, before:pos] if before >= 0 else torch.zeros_like(x[:, :1])
+                prev = torch.cat([first, x[:, :-1]], 1)
+            else:
+                rows = torch.arange(idx.size(0), device=idx.device)[:, None]
+                prev = cache.embeds[rows, (pos - 1).clamp(min=0)] * (pos > 0).unsqueeze(-1)
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :24]))
         return x + gate * prev
 
-    def run_layers(self, state: TrunkState, idx: torch.Tensor, start: int, stop: int, pos: int = 0,
+    def rotary(self, pos: Positions, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for T tokens at pos: (1, T, 1, D/2), or (B, T, 1, D/2) for per-row positions."""
+        end = pos + T if isinstance(pos, int) else int(pos.max()) + 1
+        if end > self.config.sequence_len:
+            raise PoEError(f"sequence of {end} tokens exceeds the model's context of {self.config.sequence_len}")
+        if isinstance(pos, int):
+            return self.rope_cos[:, pos:pos + T], self.rope_sin[:, pos:pos + T]
+        return self.rope_cos[0, :, 0][pos].unsqueeze(2), self.rope_sin[0, :, 0][pos].unsqueeze(2)
+
+    def run_layers(self, state: TrunkState, idx: torch.Tensor, start: int, stop: int, pos: Positions = 0,
                    cache: KVCache | None = None) -> TrunkState:
         """Apply layers start..stop-1 to the stream of tokens `idx` sitting at positions pos.."""
-        T = idx.size(1)
-        if pos + T > self.config.sequence_len:
-            raise PoEError(f"sequence of {pos + T} tokens exceeds the model's context of {self.config.sequence_len}")
-        cos, sin = self.rope_cos[:, pos:pos + T], self.rope_sin[:, pos:pos + T]
+        cos, sin = self.rotary(pos, idx.size(1))
         x, x_mid = state.x, state.x_mid
         for i in range(start, stop):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * state.x0
@@ -240,8 +295,8 @@ class PoEGPT(nn.Module):
         the layers they need. `isolate` detaches the stream (and x_mid) entering each later stage."""
         cfg = self.config
         m = cfg.n_stages if n_stages is None else n_stages
-        pos = cache.pos if cache is not None else 0
-        state = TrunkState(x := self.embed(idx, cache), x)
+        pos = cache.positions(idx.size(1), idx.device) if cache is not None else 0
+        state = TrunkState(x := self.embed(idx, cache, pos), x)
         outs, start = [], 0
         for k in range(m):
             if isolate and k > 0:
@@ -252,7 +307,7 @@ class PoEGPT(nn.Module):
             outs.append(self.boundary_output(state, stop - 1))
             start = stop
         if cache is not None:
-            cache.pos = pos + idx.size(1)
+            cache.lengths = [n + idx.size(1) for n in cache.lengths]
         return outs
 
     # --- heads -----------------------------------------------------------------------------------
@@ -306,14 +361,69 @@ class PoEGPT(nn.Module):
         if not isinstance(stage, int) or not 0 <= stage < K:
             raise PoEError(f"stage must be an integer in 0..{K - 1}, got {stage!r}")
 
+    # --- the six inference modes (SPEC §8; names and arguments as in the model card) ----------------
+    def generate(self, ids, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 eos_token_id: int | None = None) -> torch.Tensor:
+        """Full PoE: all stages, Log-OP. (B, T) prompt ids -> (B, T + new) ids, like HF's generate.
+        Prompts of different lengths may be given as a list of lists; rows are right-padded with EOS."""
+        from .engine import StageMix
+        return self._static(ids, StageMix.full(self.config.n_stages, self.config.poe_alpha), max_new_tokens,
+                            do_sample, temperature, top_k, top_p, seed, eos_token_id)
+
+    def generate_prefix(self, ids, max_stages: int, max_new_tokens: int = 32, **sampling) -> torch.Tensor:
+        """Prefix PoE of the first max_stages stages; runs layers 0..b_{max_stages-1} only."""
+        from .engine import StageMix
+        return self._static(ids, StageMix.prefix(self.config.n_stages, max_stages), max_new_tokens, **sampling)
+
+    def generate_stage(self, ids, stage: int, max_new_tokens: int = 32, **sampling) -> torch.Tensor:
+        """One stage's own head as the predictor; runs layers 0..b_stage only."""
+        from .engine import StageMix
+        return self._static(ids, StageMix.single(self.config.n_stages, stage), max_new_tokens, **sampling)
+
+    def generate_parallel_composition(self, ids, stages, stage_weights=None, max_new_tokens: int = 32,
+                                      **sampling) -> torch.Tensor:
+        """Weighted Log-OP of the selected stages; one pass to the deepest selected boundary."""
+        from .engine import StageMix
+        mix = StageMix.composition(self.config.n_stages, stages, stage_weights)
+        return self._static(ids, mix, max_new_tokens, **sampling)
+
+    def generate_wand(self, ids, max_new_tokens: int = 32, safety: float = 1.0, p99_bounds=None,
+                      return_stages_used: bool = False, eos_token_id: int | None = None):
+        """Adaptive depth (greedy): each token exits at the first stage whose margin beats the bound.
+        Returns ids, or (ids, stages_used) with stages_used[b][i] the stage that emitted token i."""
+        from .engine import as_output
+        from .wand import generate_wand
+        gen = generate_wand(self, ids, max_new_tokens, safety, p99_bounds, eos_token_id)
+        out = as_output(ids, gen, eos_token_id)
+        self.last_generation = gen
+        return (out, gen.stages_used) if return_stages_used else out
+
+    def generate_speculative(self, ids, draft_stage: int = 0, k_draft: int | str = 3, max_new_tokens: int = 32,
+                             return_acceptance: bool = False, do_sample: bool = False, temperature: float = 1.0,
+                             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                             eos_token_id: int | None = None):
+        """Self-speculative decoding: stages 0..draft_stage draft k_draft tokens, the rest verifies.
+        Greedy output equals full-PoE greedy; sampling follows the full-PoE distribution exactly.
+        Returns ids, or (ids, acceptance rate) with return_acceptance."""
+        from .engine import Sampling, as_output
+        from .speculative import generate_speculative
+        threshold = getattr(self, "checkpoint_meta", {}).get("calibration", {}) \
+            .get("speculative_threshold", {}).get(str(draft_stage))
+        gen = generate_speculative(self, ids, draft_stage, k_draft, max_new_tokens,
+                                   Sampling(do_sample, temperature, top_k, top_p, seed), eos_token_id, threshold)
+        out = as_output(ids, gen, eos_token_id)
+        self.last_generation = gen
+        return (out, gen.acceptance) if return_acceptance else out
+
     @torch.no_grad()
-    def generate(self, ids: torch.Tensor, max_new_tokens: int = 32, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None, eos_token_id: int | None = None) -> torch.Tensor:
-        """Full-PoE generation: (B, T) prompt ids -> (B, T + new) ids, like HF's generate."""
-        from .engine import generate
-        return generate(self, ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                        top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id)
+    def _static(self, ids, mix, max_new_tokens, do_sample=False, temperature=1.0, top_k=None, top_p=None,
+                seed=None, eos_token_id=None) -> torch.Tensor:
+        from .engine import Sampling, as_output, run_static
+        gen = run_static(self, ids, mix, max_new_tokens, Sampling(do_sample, temperature, top_k, top_p, seed),
+                         eos_token_id)
+        self.last_generation = gen
+        return as_output(ids, gen, eos_token_id)
 
     # --- accounting ------------------------------------------------------------------------------
     def num_params(self) -> int:

@@ -1,0 +1,164 @@
+"""Self-speculative decoding: the first stages draft, the rest of the trunk verifies (SPEC §8.5).
+
+The draft is the prefix PoE of stages 0..d. It runs layers 0..b_d one token at a time in the same
+KV cache the verifier uses (one cache, no second model). The verifier then runs layers b_d+1..L-1
+over the pending token and all drafted tokens in one pass, forms the full-PoE distribution at each
+position, and accepts the longest agreeing prefix plus one token of its own (the correction, or the
+bonus when every draft was accepted). Rejected positions are rolled back by shortening the row's
+cache length: their entries sit past the end and are overwritten before anything reads them.
+
+Greedy: a draft is accepted iff it is the full-PoE argmax, so the output equals full greedy.
+Sampling: a draft d drawn from q is accepted with probability min(1, p(d)/q(d)); on rejection
+the token is drawn from normalise(max(0, p − q)); p and q are the filtered (temperature / top-k /
+top-p) full and draft distributions, so the output is distributed exactly as full-PoE sampling.
+
+`k_draft="auto"` drafts until the draft's own top-1 probability falls below a confidence threshold
+(calibrated by `poegpt calibrate`; EAGLE-2 / Draft&Verify style), at most `AUTO_MAX_DRAFT` tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .engine import (Generation, Sampling, StageMix, check_prompts, finish_rows, new_cache, sampling_logprobs,
+                     to_rows)
+from .errors import PoEError
+from .model import TrunkState
+
+AUTO_MAX_DRAFT = 8
+DEFAULT_AUTO_THRESHOLD = 0.5
+
+
+def run_stages(model, state: TrunkState, idx: torch.Tensor, first: int, last: int, pos, cache):
+    """Run stages first..last-1 on `state`; return the new state and their normed boundary outputs."""
+    b = model.config.boundaries
+    outs = []
+    for k in range(first, last):
+        start = 0 if k == 0 else b[k - 1] + 1
+        state = model.run_layers(state, idx, start, b[k] + 1, pos, cache)
+        outs.append(model.boundary_output(state, b[k]))
+    return state, outs
+
+
+def _positions(lengths: list[int], offset: int, T: int, device) -> torch.Tensor:
+    return torch.tensor(lengths, device=device)[:, None] + offset + torch.arange(T, device=device)
+
+
+def _cat_states(states: list[TrunkState]) -> TrunkState:
+    mids = [s.x_mid for s in states]
+    return TrunkState(torch.cat([s.x for s in states], 1), torch.cat([s.x0 for s in states], 1),
+                      None if mids[0] is None else torch.cat(mids, 1))
+
+
+def check_speculative_args(K: int, draft_stage, k_draft) -> None:
+    if isinstance(draft_stage, bool) or not isinstance(draft_stage, int) or not 0 <= draft_stage <= K - 2:
+        raise PoEError(f"draft_stage must be an integer in 0..{K - 2} (below the last stage), got {draft_stage!r}")
+    if k_draft != "auto" and (isinstance(k_draft, bool) or not isinstance(k_draft, int) or k_draft < 1):
+        raise PoEError(f"k_draft must be an integer >= 1 or 'auto', got {k_draft!r}")
+
+
+@torch.no_grad()
+def generate_speculative(model, ids, draft_stage: int = 0, k_draft: int | str = 3, max_new_tokens: int = 32,
+                         sampling: Sampling = Sampling(), eos_token_id: int | None = None,
+                         auto_threshold: float | None = None) -> Generation:
+    cfg = model.config
+    K = cfg.n_stages
+    check_speculative_args(K, draft_stage, k_draft)
+    rows = to_rows(ids)
+    check_prompts(model, rows, max_new_tokens)
+    device = model.rope_cos.device
+    B = len(rows)
+    auto = k_draft == "auto"
+    k_max = AUTO_MAX_DRAFT if auto else k_draft
+    threshold = DEFAULT_AUTO_THRESHOLD if auto_threshold is None else auto_threshold
+    capacity = min(cfg.sequence_len, max(len(r) for r in rows) + max_new_tokens + k_max)
+    cache = new_cache(model, B, capacity)
+    generator = sampling.generator(device)
+    draft_mix, full_mix = StageMix(tuple(range(draft_stage + 1))), StageMix.full(K, cfg.poe_alpha)
+    gen = Generation([[] for _ in rows])
+    if max_new_tokens == 0:
+        return gen
+
+    # prefill everything but each prompt's last token; that token is the first pending input
+    if max(len(r) for r in rows) > 1:
+        T = max(len(r) for r in rows) - 1
+        model.trunk(torch.tensor([r[:-1] + [0] * (T - len(r) + 1) for r in rows], device=device), K, cache)
+    cache.lengths = [len(r) - 1 for r in rows]
+    pending = torch.tensor([r[-1] for r in rows], device=device)
+    active = [True] * B
+
+    while any(active):
+        room = min(capacity - 1 - n for n, a in zip(cache.lengths, active) if a)
+        k = min(k_max, room)
+        # --- draft: stages 0..d, one token at a time, writing the shared cache ---------------------
+        tokens, states, shallow, draft_logps = [pending], [], [], []
+        confident = torch.ones(B, dtype=torch.bool, device=device)
+        draft_len = torch.zeros(B, dtype=torch.long, device=device)
+        i = 0
+        while True:                             # pass k only readies the last draft for verification
+            pos = _positions(cache.lengths, i, 1, device)
+            x = model.embed(tokens[-1][:, None], cache, pos)
+            state, hs = run_stages(model, TrunkState(x, x), tokens[-1][:, None], 0, draft_stage + 1, pos, cache)
+            states.append(state)
+            shallow.append(hs)
+            if i == k:
+                break
+            q = draft_mix.logprobs(model, [h[:, -1] for h in hs])
+            q = q if sampling.greedy else sampling_logprobs(q, sampling)
+            draft_logps.append(q)
+            tokens.append(q.argmax(-1) if sampling.greedy
+                          else torch.multinomial(q.exp(), 1, generator=generator).squeeze(-1))
+            i += 1
+            if auto:   # a row's draft ends at its first unconfident token; the batch drafts while any row is sure
+                confident &= q.max(-1).values.exp() >= threshold
+                draft_len += confident | (draft_len == 0)
+                if not bool(confident.any()):
+                    k = i
+        if not auto:
+            draft_len = torch.full((B,), k, dtype=torch.long, device=device)
+        # --- verify: the remaining stages over the pending token and the k drafts, in one pass ------
+        idx = torch.stack(tokens, 1)                                            # (B, k+1)
+        pos = _positions(cache.lengths, 0, k + 1, device)
+        _, deep = run_stages(model, _cat_states(states), idx, draft_stage + 1, K, pos, cache)
+        hs_all = [torch.cat([s[j] for s in shallow], 1) for j in range(draft_stage + 1)] + deep
+        p = full_mix.logprobs(model, hs_all)                                     # (B, k+1, V)
+        if not sampling.greedy:
+            p = sampling_logprobs(p, sampling)
+        # --- accept ---------------------------------------------------------------------------------
+        for r in range(B):
+            if not active[r]:
+                continue
+            limit = int(draft_len[r])
+            m = 0
+            while m < limit:
+                d = int(idx[r, m + 1])
+                if sampling.greedy:
+                    ok = int(p[r, m].argmax()) == d
+                else:
+                    ratio = (p[r, m, d] - draft_logps[m][r, d]).exp().clamp(max=1.0)
+                    ok = bool(torch.rand((), generator=generator, device=device) < ratio)
+                if not ok:
+                    break
+                m += 1
+            if sampling.greedy:
+                last = int(p[r, m].argmax())
+            elif m < limit:                      # rejected: draw from the residual max(0, p − q)
+                resid = (p[r, m].exp() - draft_logps[m][r].exp()).clamp(min=0)
+                last = int(torch.multinomial(resid / resid.sum(), 1, generator=generator))
+            else:                                # every draft accepted: the bonus token from p
+                last = int(torch.multinomial(p[r, m].exp(), 1, generator=generator))
+            new = idx[r, 1:m + 1].tolist() + [last]
+            gen.drafted += limit
+            gen.accepted += m
+            gen.passes += 1
+            gen.tokens[r].extend(new)
+            cache.lengths[r] += m + 1
+            pending[r] = last
+            if len(gen.tokens[r]) >= max_new_tokens or (eos_token_id is not None and eos_token_id in new):
+                active[r] = False
+        for r in range(B):   # a finished row idles in lockstep at the cache start, where its writes fit
+            if not active[r]:
+                cache.lengths[r] = 0
+    gen.tokens = finish_rows([t[:max_new_tokens] for t in gen.tokens], eos_token_id)
+    return gen
