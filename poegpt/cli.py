@@ -144,21 +144,75 @@ def cmd_eval(a) -> None:
 
 
 def cmd_generate(a) -> None:
-    import torch
+    import time
     from .checkpoint import load_model
+    from .engine import Sampling, stream_text
+    from .modes import ModeSpec, mode_steps
     model, tok = load_model(a.model)
     if tok is None:
         raise PoEError("the checkpoint has no tokenizer; generation needs one")
-    if not a.prompt:
+    if any(not p for p in a.prompt):
         raise PoEError("--prompt is empty; give some text to continue")
-    for i, p in enumerate(a.prompt):
-        ids = torch.tensor([tok.encode(p)])
-        out = model.generate(ids, max_new_tokens=a.max_new_tokens, do_sample=a.temperature > 0,
-                             temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                             seed=None if a.seed is None else a.seed + i, eos_token_id=tok.bos_id)
-        decoder = tok.stream_decoder()  # a character cut off by the length limit is held back, not garbled
-        text = "".join(decoder.push(t) for t in out[0, ids.size(1):].tolist())
-        print(f"{p}{text}")
+    k_draft = a.k_draft if a.k_draft == "auto" else _positive_int(a.k_draft, "--k-draft")
+    spec = ModeSpec(a.mode, max_stages=a.max_stages, stage=a.stage,
+                    stages=None if a.stages is None else tuple(a.stages),
+                    stage_weights=None if a.stage_weights is None else tuple(a.stage_weights),
+                    safety=a.safety, p99_bounds=None if a.p99_bounds is None else tuple(a.p99_bounds),
+                    draft_stage=a.draft_stage, k_draft=k_draft)
+    sampling = Sampling(do_sample=a.temperature > 0, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                        seed=a.seed)
+    for p in a.prompt:
+        rows = [tok.encode(p)]
+        t0 = time.perf_counter()
+        steps, gen = mode_steps(model, rows, spec, a.max_new_tokens, sampling, eos_token_id=tok.bos_id)
+        print(p, end="", flush=True)
+        text = []
+        for _, delta, _ in stream_text(tok, steps, 1, stop=a.stop or (), eos_token_id=tok.bos_id):
+            text.append(delta)
+            if a.stream:
+                print(delta, end="", flush=True)
+        print("" if a.stream else "".join(text))
+        dt = time.perf_counter() - t0
+        n = len(gen.tokens[0])
+        info = f"[{a.mode}: {n} tokens, {n / dt:.1f} tok/s"
+        if gen.stages_used:
+            info += f", stages used {gen.stages_used[0]}"
+        if gen.drafted:
+            info += f", acceptance {gen.acceptance:.2f}"
+        print(info + "]", file=sys.stderr)
+
+
+def _positive_int(value: str, name: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise PoEError(f"{name} must be a positive integer or 'auto', got {value!r}")
+    return n
+
+
+def cmd_calibrate(a) -> None:
+    from .checkpoint import load_model, read_meta, resolve_checkpoint
+    from .data import TokenLoader
+    from .fileio import write_json_atomic
+    from .speculative import measure_draft_thresholds
+    from .wand import measure_bounds
+    ckpt = resolve_checkpoint(a.model)
+    model, _ = load_model(ckpt)
+    T = model.config.sequence_len
+    n_batches = max(1, a.tokens // (a.batch_size * T))
+    loader = TokenLoader(a.data, "val", a.batch_size, T, case_aug_p=0.0)
+    bounds = measure_bounds(model, loader.iter_batches(n_batches), quantile=a.quantile)
+    loader = TokenLoader(a.data, "val", a.batch_size, T, case_aug_p=0.0)
+    thresholds = measure_draft_thresholds(model, loader.iter_batches(n_batches))
+    meta = read_meta(ckpt)
+    meta["calibration"] = {**bounds, "speculative_threshold": thresholds, "data": str(a.data)}
+    write_json_atomic(ckpt / "meta.json", meta, indent=2)
+    print(f"WAND p{100 * a.quantile:g} bounds per stage: " + ", ".join(f"{b:.3f}" for b in bounds["wand_p99_bounds"])
+          + f" (over {bounds['positions']:,} positions)")
+    print("speculative auto-draft thresholds by draft stage: " + ", ".join(f"s{k}: {v:.3f}" for k, v in thresholds.items()))
+    print(f"stored in {ckpt / 'meta.json'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,16 +283,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="eval")
     s.set_defaults(fn=cmd_eval)
 
-    s = sub.add_parser("generate", help="continue prompts with the model")
+    s = sub.add_parser("generate", help="continue prompts in any of the six PoE modes")
     s.add_argument("--model")
     s.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
-    s.add_argument("--mode", choices=["full"], default="full")
+    s.add_argument("--mode", choices=["full", "prefix", "stage", "wand", "speculative", "composition"], default="full")
+    s.add_argument("--max-stages", dest="max_stages", type=int, help="prefix: how many stages")
+    s.add_argument("--stage", type=int, help="stage: which stage")
+    s.add_argument("--stages", type=int, nargs="+", help="composition: the stages to combine")
+    s.add_argument("--stage-weights", dest="stage_weights", type=float, nargs="+", help="composition: their weights")
+    s.add_argument("--safety", type=float, default=1.0, help="wand: bound multiplier (higher = deeper)")
+    s.add_argument("--p99-bounds", dest="p99_bounds", type=float, nargs="+", help="wand: bounds (else calibrated)")
+    s.add_argument("--draft-stage", dest="draft_stage", type=int, default=0, help="speculative: last draft stage")
+    s.add_argument("--k-draft", dest="k_draft", default="3", help="speculative: draft length, or auto")
     s.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     s.add_argument("--top-k", dest="top_k", type=int)
     s.add_argument("--top-p", dest="top_p", type=float)
     s.add_argument("--seed", type=int)
+    s.add_argument("--stop", action="append", help="stop string (repeatable)")
+    s.add_argument("--stream", action="store_true", help="print text as it is generated")
     s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("calibrate", help="measure WAND bounds and speculative thresholds; store them in the checkpoint")
+    s.add_argument("--model", help="checkpoint or run directory (its newest checkpoint is updated)")
+    s.add_argument("--data", required=True)
+    s.add_argument("--tokens", type=int, default=65_536)
+    s.add_argument("--batch-size", dest="batch_size", type=int, default=8)
+    s.add_argument("--quantile", type=float, default=0.99)
+    s.set_defaults(fn=cmd_calibrate)
     return p
 
 

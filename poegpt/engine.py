@@ -186,6 +186,7 @@ class Generation:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
+@torch.no_grad()
 def decode_static(model, rows: list[list[int]], mix: StageMix, max_new_tokens: int, sampling: Sampling,
                   eos_token_id: int | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row (B,) at each step; rows past EOS keep yielding EOS."""
@@ -235,34 +236,34 @@ def as_output(ids, gen: Generation, pad_token_id: int | None = None) -> torch.Te
     return torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
 
 
-def stream_text(tokenizer, token_steps: Iterator[Sequence[int]], n_rows: int, stop: Sequence[str] = ()) \
+def stream_text(tokenizer, token_steps, n_rows: int, stop: Sequence[str] = (), eos_token_id: int | None = None) \
         -> Iterator[tuple[int, str, str | None]]:
-    """Turn per-step token ids into per-row text deltas: yields (row, text, finish_reason or None).
+    """Turn per-step new tokens (a list per row) into per-row text: yields (row, text, finish_reason).
 
-    Text never splits a UTF-8 character (bytes are held back until complete). A row ends at its
-    first stop string (excluded from the text, reason "stop"), at EOS handled by the caller, or when
-    the steps run out (reason "length")."""
+    Text never splits a UTF-8 character (bytes are held back until complete). A row ends at EOS or
+    its first stop string (excluded from the text): reason "stop"; or when the steps run out:
+    reason "length". A final (row, remaining text, reason) is yielded once per row."""
     decoders = [tokenizer.stream_decoder() for _ in range(n_rows)]
     texts = [""] * n_rows
     emitted = [0] * n_rows
     finished = [False] * n_rows
-    hold = max((len(s) for s in stop), default=1) - 1   # a stop string may still be forming
+    hold = max((len(s) for s in stop), default=1) - 1   # the tail that may be the start of a stop string
     for step in token_steps:
-        for r, t in enumerate(step):
-            if finished[r]:
-                continue
-            if t is None:                                 # the caller ended this row (EOS)
-                finished[r] = True
-                yield r, texts[r][emitted[r]:], "stop"
-                continue
-            texts[r] += decoders[r].push(int(t))
-            cut = min((i for i in (texts[r].find(s) for s in stop) if i >= 0), default=-1)
-            if cut >= 0:
-                finished[r] = True
-                yield r, texts[r][emitted[r]:cut], "stop"
-                continue
-            safe = max(emitted[r], len(texts[r]) - hold)
-            if safe > emitted[r]:
+        for r, new in enumerate(step):
+            for t in new:
+                if finished[r]:
+                    break
+                if t == eos_token_id:
+                    finished[r] = True
+                    yield r, texts[r][emitted[r]:], "stop"
+                    break
+                texts[r] += decoders[r].push(int(t))
+                cut = min((i for i in (texts[r].find(s) for s in stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    finished[r] = True
+                    yield r, texts[r][emitted[r]:cut], "stop"
+            if not finished[r] and len(texts[r]) - hold > emitted[r]:
+                safe = len(texts[r]) - hold
                 yield r, texts[r][emitted[r]:safe], None
                 emitted[r] = safe
         if all(finished):

@@ -408,10 +408,8 @@ class PoEGPT(nn.Module):
         Returns ids, or (ids, acceptance rate) with return_acceptance."""
         from .engine import Sampling, as_output
         from .speculative import generate_speculative
-        threshold = getattr(self, "checkpoint_meta", {}).get("calibration", {}) \
-            .get("speculative_threshold", {}).get(str(draft_stage))
         gen = generate_speculative(self, ids, draft_stage, k_draft, max_new_tokens,
-                                   Sampling(do_sample, temperature, top_k, top_p, seed), eos_token_id, threshold)
+                                   Sampling(do_sample, temperature, top_k, top_p, seed), eos_token_id)
         out = as_output(ids, gen, eos_token_id)
         self.last_generation = gen
         return (out, gen.acceptance) if return_acceptance else out

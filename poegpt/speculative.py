@@ -21,8 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .engine import (Generation, Sampling, StageMix, check_prompts, finish_rows, new_cache, sampling_logprobs,
-                     to_rows)
+from .engine import Generation, Sampling, StageMix, check_prompts, new_cache, sampling_logprobs, to_rows
 from .errors import PoEError
 from .model import TrunkState
 
@@ -62,23 +61,36 @@ def check_speculative_args(K: int, draft_stage, k_draft) -> None:
 def generate_speculative(model, ids, draft_stage: int = 0, k_draft: int | str = 3, max_new_tokens: int = 32,
                          sampling: Sampling = Sampling(), eos_token_id: int | None = None,
                          auto_threshold: float | None = None) -> Generation:
+    gen = Generation([])
+    for _ in speculative_steps(model, to_rows(ids), draft_stage, k_draft, max_new_tokens, sampling, eos_token_id,
+                               auto_threshold, gen):
+        pass
+    return gen
+
+
+@torch.no_grad()
+def speculative_steps(model, rows: list[list[int]], draft_stage: int, k_draft, max_new_tokens: int,
+                      sampling: Sampling, eos_token_id: int | None, auto_threshold: float | None, gen: Generation):
+    """Yield, per verification pass, each row's newly emitted tokens; `gen` collects tokens and counts."""
     cfg = model.config
     K = cfg.n_stages
     check_speculative_args(K, draft_stage, k_draft)
-    rows = to_rows(ids)
     check_prompts(model, rows, max_new_tokens)
     device = model.rope_cos.device
     B = len(rows)
     auto = k_draft == "auto"
     k_max = AUTO_MAX_DRAFT if auto else k_draft
-    threshold = DEFAULT_AUTO_THRESHOLD if auto_threshold is None else auto_threshold
+    if auto_threshold is None:   # the calibrated one stored in the checkpoint, else the default
+        auto_threshold = getattr(model, "checkpoint_meta", {}).get("calibration", {}) \
+            .get("speculative_threshold", {}).get(str(draft_stage), DEFAULT_AUTO_THRESHOLD)
+    threshold = auto_threshold
     capacity = min(cfg.sequence_len, max(len(r) for r in rows) + max_new_tokens + k_max)
     cache = new_cache(model, B, capacity)
     generator = sampling.generator(device)
     draft_mix, full_mix = StageMix(tuple(range(draft_stage + 1))), StageMix.full(K, cfg.poe_alpha)
-    gen = Generation([[] for _ in rows])
+    gen.tokens = [[] for _ in rows]
     if max_new_tokens == 0:
-        return gen
+        return
 
     # prefill everything but each prompt's last token; that token is the first pending input
     if max(len(r) for r in rows) > 1:
@@ -126,6 +138,7 @@ def generate_speculative(model, ids, draft_stage: int = 0, k_draft: int | str = 
         if not sampling.greedy:
             p = sampling_logprobs(p, sampling)
         # --- accept ---------------------------------------------------------------------------------
+        emitted = [[] for _ in range(B)]
         for r in range(B):
             if not active[r]:
                 continue
@@ -149,6 +162,10 @@ def generate_speculative(model, ids, draft_stage: int = 0, k_draft: int | str = 
             else:                                # every draft accepted: the bonus token from p
                 last = int(torch.multinomial(p[r, m].exp(), 1, generator=generator))
             new = idx[r, 1:m + 1].tolist() + [last]
+            new = new[: max_new_tokens - len(gen.tokens[r])]
+            if eos_token_id in new:
+                new = new[: new.index(eos_token_id) + 1]
+            emitted[r] = new
             gen.drafted += limit
             gen.accepted += m
             gen.passes += 1
@@ -160,5 +177,39 @@ def generate_speculative(model, ids, draft_stage: int = 0, k_draft: int | str = 
         for r in range(B):   # a finished row idles in lockstep at the cache start, where its writes fit
             if not active[r]:
                 cache.lengths[r] = 0
-    gen.tokens = finish_rows([t[:max_new_tokens] for t in gen.tokens], eos_token_id)
-    return gen
+        yield emitted
+
+
+@torch.no_grad()
+def measure_draft_thresholds(model, batches, target: float = 0.5, n_bins: int = 20,
+                             max_positions: int = 200_000) -> dict[str, float]:
+    """Per draft stage d, the draft top-1 probability above which drafts agree with the full-PoE
+    argmax at least `target` of the time (equal-count bins; every bin above must meet the target)."""
+    from .logop import logop
+    K = model.config.n_stages
+    conf = [[] for _ in range(K - 1)]
+    agree = [[] for _ in range(K - 1)]
+    n = 0
+    for x, _ in batches:
+        logps = [lp.flatten(0, 1) for lp in model.stage_logprobs(x)]
+        full_top = logop(logps).argmax(-1)
+        for d in range(K - 1):
+            q = logop(logps[: d + 1])
+            top = q.max(-1)
+            conf[d].append(top.values.exp())
+            agree[d].append((top.indices == full_top).float())
+        n += x.numel()
+        if n >= max_positions:
+            break
+    thresholds = {}
+    for d in range(K - 1):
+        c, a = torch.cat(conf[d]), torch.cat(agree[d])
+        order = torch.argsort(c, descending=True)
+        c, a = c[order], a[order]
+        threshold = 1.0
+        for chunk_c, chunk_a in zip(torch.tensor_split(c, n_bins), torch.tensor_split(a, n_bins)):
+            if chunk_a.numel() == 0 or chunk_a.mean() < target:
+                break
+            threshold = float(chunk_c[-1])
+        thresholds[str(d)] = threshold
+    return thresholds

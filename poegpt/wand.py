@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .engine import Generation, check_prompts, finish_rows, new_cache, to_rows
+from .engine import Generation, check_prompts, new_cache, to_rows
 from .errors import PoEError
 from .model import TrunkState
 from .speculative import _cat_states, run_stages
@@ -84,18 +84,17 @@ class LazyDepth:
 
 
 @torch.no_grad()
-def wand_row(model, prompt: list[int], max_new_tokens: int, safety: float, bounds: list[float],
-             eos_token_id: int | None = None):
-    """Generate for one prompt; returns (tokens, stages_used, LazyDepth walker)."""
+def wand_row_steps(model, prompt: list[int], max_new_tokens: int, safety: float, bounds: list[float],
+                   eos_token_id: int | None = None):
+    """Generate for one prompt, yielding (token, stage that emitted it); returns the LazyDepth walker."""
     K = model.config.n_stages
     device = model.rope_cos.device
     cache = new_cache(model, 1, len(prompt) + max_new_tokens)
     walker = LazyDepth(model, cache, len(prompt))
-    tokens, stages = [], []
     idx = torch.tensor([prompt], device=device)
     x = model.embed(idx, cache, 0)
     state = TrunkState(x, x)
-    for _ in range(max_new_tokens):
+    for n in range(1, max_new_tokens + 1):
         score = None
         for j in range(K):
             h = walker.run_stage(j, state, idx) if j == 0 else walker.run_stage(j)
@@ -104,42 +103,51 @@ def wand_row(model, prompt: list[int], max_new_tokens: int, safety: float, bound
             a, margin = margin_and_argmax(score)
             if j == K - 1 or margin >= safety * bounds[j]:
                 break
-        tokens.append(a)
-        stages.append(j)
-        if len(tokens) == max_new_tokens or a == eos_token_id:
+        yield a, j
+        if n == max_new_tokens or a == eos_token_id:
             break
         idx = torch.tensor([[a]], device=device)
-        pos = len(prompt) + len(tokens) - 1
-        x = model.embed(idx, cache, pos)
+        x = model.embed(idx, cache, len(prompt) + n - 1)
         state = TrunkState(x, x)
     cache.lengths = [walker.filled[0]]
-    return tokens, stages, walker
+    return walker
+
+
+@torch.no_grad()
+def wand_steps(model, rows: list[list[int]], max_new_tokens: int, safety: float, p99_bounds,
+               eos_token_id: int | None, gen: Generation):
+    """Yield per-row new tokens (rows one after another); `gen` collects tokens, stages and layer counts."""
+    bounds = check_bounds(model, safety, p99_bounds)
+    check_prompts(model, rows, max_new_tokens)
+    gen.tokens, gen.stages_used = [[] for _ in rows], [[] for _ in rows]
+    b = model.config.boundaries
+    evals = positions = 0
+    for r, prompt in enumerate(rows):
+        if max_new_tokens == 0:
+            continue
+        steps = wand_row_steps(model, prompt, max_new_tokens, safety, bounds, eos_token_id)
+        while True:
+            try:
+                token, stage = next(steps)
+            except StopIteration as stop:
+                evals += stop.value.decode_layer_evals
+                break
+            gen.tokens[r].append(token)
+            gen.stages_used[r].append(stage)
+            yield [[token] if i == r else [] for i in range(len(rows))]
+        positions += len(gen.tokens[r]) - 1      # tokens after the first are decided at decode positions
+    n = sum(len(t) for t in gen.tokens)
+    gen.extra = {  # layers run per decode position, lazy fills included; and the depth each token exited at
+        "layers_per_token": evals / max(positions, 1),
+        "exit_layers_per_token": sum(b[s] + 1 for st in gen.stages_used for s in st) / max(n, 1)}
 
 
 @torch.no_grad()
 def generate_wand(model, ids, max_new_tokens: int = 32, safety: float = 1.0, p99_bounds=None,
                   eos_token_id: int | None = None) -> Generation:
-    bounds = check_bounds(model, safety, p99_bounds)
-    rows = to_rows(ids)
-    check_prompts(model, rows, max_new_tokens)
-    gen = Generation([], stages_used=[])
-    evals = positions = 0
-    for r in rows:
-        if max_new_tokens == 0:
-            gen.tokens.append([])
-            gen.stages_used.append([])
-            continue
-        toks, stages, walker = wand_row(model, r, max_new_tokens, safety, bounds, eos_token_id)
-        gen.tokens.append(toks)
-        gen.stages_used.append(stages)
-        evals += walker.decode_layer_evals
-        positions += len(toks) - 1             # tokens after the first are decided at decode positions
-    gen.tokens = finish_rows(gen.tokens, eos_token_id)
-    n = sum(len(t) for t in gen.tokens)
-    b = model.config.boundaries
-    gen.extra = {  # layers run per decode position, lazy fills included; and the depth each token exited at
-        "layers_per_token": evals / max(positions, 1),
-        "exit_layers_per_token": sum(b[s] + 1 for st in gen.stages_used for s in st) / max(n, 1)}
+    gen = Generation([])
+    for _ in wand_steps(model, to_rows(ids), max_new_tokens, safety, p99_bounds, eos_token_id, gen):
+        pass
     return gen
 
 
