@@ -66,4 +66,4 @@ def logop(logps: Sequence[torch.Tensor], weights: Sequence[float] | None = None,
 
 def logop_logits(logits: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
     """Normalised Log-OP log-probs from raw stage logits with fixed weights: one softmax for K stages."""
-    return F.log_softmax(logop_scores([z.float() for z in logits], weights), dim=-1)
+    return F.log_softmax(logop_scores([z.to(torch.promote_types(z.dtype, torch.float32)) for z in logits], weights), dim=-1)

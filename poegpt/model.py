@@ -318,7 +318,8 @@ class PoEGPT(nn.Module):
     def stage_logits(self, h: torch.Tensor, stage: int, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Soft-capped fp32 logits (..., V) of stage `stage` from its normed boundary state."""
         w = self.head_weight(stage) if weight is None else weight
-        z = F.linear(h, w.to(h.dtype))[..., : self.config.vocab_size].float()
+        z = F.linear(h, w.to(h.dtype))[..., : self.config.vocab_size]
+        z = z.to(torch.promote_types(z.dtype, torch.float32))      # fp32 at least (fp64 stays fp64)
         c = self.config.softcap
         return c * torch.tanh(z / c)
 
@@ -455,7 +456,7 @@ class PoEGPT(nn.Module):
                         heads: int | None = None) -> int:
         """Matmul FLOPs per token through the first n stages (all by default) with their heads.
         Forward = 2·(matmul params) + attention; training = 3× forward, attention averaged over the
-        positions of a `context`-long sequence; decoding = one query at position `context`.
+        positions of a `context`-long sequence; decoding = one query with `context` tokens in view.
         `heads` overrides the number of stage heads evaluated (final_only trains one)."""
         cfg = self.config
         m = cfg.n_stages if n_stages is None else n_stages

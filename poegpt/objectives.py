@@ -29,7 +29,8 @@ def _chunk_terms(targets, objective: str, local_weight: float, vocab_size: int, 
     hs, weights = hs_and_weights[:n], hs_and_weights[n:]
     logps = []
     for h, w in zip(hs, weights):
-        z = F.linear(h, w.to(h.dtype))[:, :vocab_size].float()
+        z = F.linear(h, w.to(h.dtype))[:, :vocab_size]
+        z = z.to(torch.promote_types(z.dtype, torch.float32))
         logps.append(F.log_softmax(softcap * torch.tanh(z / softcap), dim=-1))
 
     def ce(logp):

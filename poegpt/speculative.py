@@ -50,6 +50,38 @@ def _cat_states(states: list[TrunkState]) -> TrunkState:
                       None if mids[0] is None else torch.cat(mids, 1))
 
 
+def accept(p: torch.Tensor, idx: torch.Tensor, draft_logps: list[torch.Tensor], draft_len: torch.Tensor,
+           sampling: Sampling, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: how many drafts are accepted (m), and the verifier's own next token.
+
+    p: (B, k+1, V) verifier log-probs at the pending position and each draft; idx: (B, k+1) the pending
+    token then the drafts; draft_logps[j]: (B, V) the distribution draft j+1 was drawn from."""
+    B, k = idx.size(0), idx.size(1) - 1
+    rows = torch.arange(B, device=idx.device)
+    drafts = idx[:, 1:]                                                         # (B, k)
+    within = torch.arange(k, device=idx.device)[None] < draft_len[:, None]
+    if sampling.greedy:
+        ok = drafts == p[:, :k].argmax(-1)
+    elif k:
+        q = torch.stack(draft_logps, 1)                                         # (B, k, V)
+        ratio = (p[:, :k].gather(-1, drafts[..., None]) - q.gather(-1, drafts[..., None])).squeeze(-1).exp()
+        ok = torch.rand(B, k, generator=generator, device=idx.device) < ratio  # accept with min(1, p/q)
+    else:
+        ok = within
+    m = (ok & within).long().cumprod(1).sum(1)                                 # (B,)
+    p_m = p[rows, m]                                                            # (B, V)
+    if sampling.greedy:
+        return m, p_m.argmax(-1)
+    probs = p_m.exp()
+    rejected = m < draft_len
+    if bool(rejected.any()):                   # a rejected row draws from the residual max(0, p − q)
+        q_m = torch.stack(draft_logps, 1)[rows, m.clamp(max=k - 1)].exp()
+        resid = (probs - q_m).clamp(min=0)
+        resid = resid / resid.sum(-1, keepdim=True).clamp(min=1e-30)
+        probs = torch.where(rejected[:, None], resid, probs)
+    return m, torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
 def check_speculative_args(K: int, draft_stage, k_draft) -> None:
     if isinstance(draft_stage, bool) or not isinstance(draft_stage, int) or not 0 <= draft_stage <= K - 2:
         raise PoEError(f"draft_stage must be an integer in 0..{K - 2} (below the last stage), got {draft_stage!r}")
@@ -137,41 +169,23 @@ def speculative_steps(model, rows: list[list[int]], draft_stage: int, k_draft, m
         p = full_mix.logprobs(model, hs_all)                                     # (B, k+1, V)
         if not sampling.greedy:
             p = sampling_logprobs(p, sampling)
-        # --- accept ---------------------------------------------------------------------------------
+        # --- accept: the longest prefix of drafts the verifier agrees with, then one token of its own ---
+        m, last = accept(p, idx, draft_logps, draft_len, sampling, generator)
         emitted = [[] for _ in range(B)]
-        for r in range(B):
+        for r, (m_r, last_r) in enumerate(zip(m.tolist(), last.tolist())):
             if not active[r]:
                 continue
-            limit = int(draft_len[r])
-            m = 0
-            while m < limit:
-                d = int(idx[r, m + 1])
-                if sampling.greedy:
-                    ok = int(p[r, m].argmax()) == d
-                else:
-                    ratio = (p[r, m, d] - draft_logps[m][r, d]).exp().clamp(max=1.0)
-                    ok = bool(torch.rand((), generator=generator, device=device) < ratio)
-                if not ok:
-                    break
-                m += 1
-            if sampling.greedy:
-                last = int(p[r, m].argmax())
-            elif m < limit:                      # rejected: draw from the residual max(0, p − q)
-                resid = (p[r, m].exp() - draft_logps[m][r].exp()).clamp(min=0)
-                last = int(torch.multinomial(resid / resid.sum(), 1, generator=generator))
-            else:                                # every draft accepted: the bonus token from p
-                last = int(torch.multinomial(p[r, m].exp(), 1, generator=generator))
-            new = idx[r, 1:m + 1].tolist() + [last]
+            new = idx[r, 1:m_r + 1].tolist() + [last_r]
             new = new[: max_new_tokens - len(gen.tokens[r])]
             if eos_token_id in new:
                 new = new[: new.index(eos_token_id) + 1]
             emitted[r] = new
-            gen.drafted += limit
-            gen.accepted += m
+            gen.drafted += int(draft_len[r])
+            gen.accepted += m_r
             gen.passes += 1
             gen.tokens[r].extend(new)
-            cache.lengths[r] += m + 1
-            pending[r] = last
+            cache.lengths[r] += m_r + 1
+            pending[r] = last_r
             if len(gen.tokens[r]) >= max_new_tokens or (eos_token_id is not None and eos_token_id in new):
                 active[r] = False
         for r in range(B):   # a finished row idles in lockstep at the cache start, where its writes fit

@@ -1,0 +1,288 @@
+"""The engine and the six modes: equivalences (cache vs no cache, batch vs alone, speculative vs full,
+WAND vs full, composition vs Log-OP of forward_stage), exact speculative sampling, layer counts,
+streaming text and bad input."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from poegpt import PoEConfig, PoEError
+from poegpt.engine import Sampling, StageMix, stream_text
+from poegpt.logop import logop
+from poegpt.model import KVCache
+from poegpt.modes import ModeSpec, mode_steps
+from poegpt.speculative import generate_speculative
+from poegpt.wand import LazyDepth, wand_row_steps
+
+from conftest import build_random_model
+
+K = 4
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_random_model(seed=5)
+
+
+@pytest.fixture(scope="module")
+def trained_model(tmp_path_factory):
+    """A tiny model trained for a few dozen steps on the bundled sample (peaked, realistic distributions)."""
+    from poegpt.checkpoint import load_model
+    from poegpt.data import load_mixture, prepare, read_documents
+    from poegpt.tokenizer import Tokenizer
+    from poegpt.train import TrainArgs, train
+    root = tmp_path_factory.mktemp("engine")
+    mixture = load_mixture("sample")
+    tok = Tokenizer.train([d for s in mixture.sources for _, d in zip(range(40), read_documents(s))], 512)
+    prepare(mixture, tok, root / "data")
+    tok.save(root / "data")
+    train(TrainArgs(data=str(root / "data"), out=str(root / "run"), preset="tiny", steps=40, batch_size=8,
+                    eval_every=1000, save_every=40, progress=False))
+    m, tok = load_model(root / "run")
+    return m, tok
+
+
+def prompts(n=3, seed=0, lengths=(5, 9, 2)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 512, (lengths[i % len(lengths)],), generator=g).tolist() for i in range(n)]
+
+
+def nocache_greedy(model, prompt, mix: StageMix, n):
+    """Reference: re-run the whole sequence without a cache at every step, take the mix's argmax."""
+    seq = list(prompt)
+    for _ in range(n):
+        logps = model.stage_logprobs(torch.tensor([seq]), mix.depth)
+        lp = logop([logps[k][0, -1] for k in mix.stages], mix.weights)
+        seq.append(int(lp.argmax()))
+    return seq[len(prompt):]
+
+
+MIXES = [StageMix.full(K), StageMix.prefix(K, 1), StageMix.prefix(K, 3), StageMix.single(K, 2),
+         StageMix.composition(K, [0, 2, 3], [0.5, 1.0, 1.0])]
+
+
+@pytest.mark.parametrize("mix", MIXES, ids=lambda m: f"{m.stages}-{m.weights}")
+def test_static_modes_cached_equal_nocache_and_batch_equals_alone(model, mix):
+    rows = prompts(3)
+    spec_tokens, _ = None, None
+    steps, gen = mode_steps(model, rows, ModeSpec("composition", stages=mix.stages, stage_weights=mix.weights),
+                            12)
+    list(steps)
+    for r, row in enumerate(rows):
+        assert gen.tokens[r] == nocache_greedy(model, row, mix, 12)
+
+
+def test_cached_decoding_logits_equal_nocache_forward(model):
+    """Per-step log-probs of cached decoding (ragged batch) equal a no-cache forward over the sequence."""
+    rows = prompts(3, seed=1)
+    out = model.generate(rows, max_new_tokens=10)
+    cache = KVCache(model.config, 3, 20, dtype=torch.float32)
+    T = max(len(r) for r in rows)
+    model.trunk(torch.tensor([r + [0] * (T - len(r)) for r in rows]), cache=cache)
+    cache.lengths = [len(r) for r in rows]
+    for step in range(9):
+        tok = torch.tensor([[out[r, len(rows[r]) + step].item()] for r in range(3)])
+        hs = model.trunk(tok, cache=cache)
+        cached = logop([F.log_softmax(model.stage_logits(h[:, -1], k), -1) for k, h in enumerate(hs)])
+        for r in range(3):
+            n = len(rows[r]) + step + 1
+            full = model(out[r:r + 1, :n])[0, -1]
+            torch.testing.assert_close(cached[r], full, rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_all_stages_equals_full_and_composition_is_logop_of_forward_stage(model):
+    ids = torch.tensor(prompts(2, lengths=(6,)))
+    torch.testing.assert_close(model.generate_prefix(ids, max_stages=K, max_new_tokens=8),
+                               model.generate(ids, max_new_tokens=8), rtol=0, atol=0)
+    stages, weights = [0, 2, 3], [0.5, 1.0, 1.0]
+    want = logop([F.log_softmax(model.forward_stage(ids, k), -1) for k in stages], weights)
+    mix = StageMix.composition(K, stages, weights)
+    got = mix.logprobs(model, model.trunk(ids, mix.depth))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    out = model.generate_parallel_composition(ids, stages, weights, max_new_tokens=1)
+    assert out[:, -1].tolist() == want[:, -1].argmax(-1).tolist()
+
+
+def count_layers(model, fn):
+    calls = []
+    handles = [b.register_forward_hook(lambda m, i, o, n=n: calls.append((n, i[0].size(1))))
+               for n, b in enumerate(model.blocks)]
+    try:
+        fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+@pytest.mark.parametrize("spec, layers", [
+    (ModeSpec("full"), 8), (ModeSpec("prefix", max_stages=1), 4), (ModeSpec("prefix", max_stages=2), 6),
+    (ModeSpec("stage", stage=2), 7), (ModeSpec("composition", stages=(0, 1)), 6),
+])
+def test_modes_run_only_the_layers_they_need(model, spec, layers):
+    rows = prompts(1, lengths=(4,))
+    calls = count_layers(model, lambda: list(mode_steps(model, rows, spec, 5)[0]))
+    decode = [n for n, T in calls if T == 1]                   # one-token decode steps after the prefill
+    assert sorted(set(n for n, _ in calls)) == list(range(layers))
+    assert len(decode) == 4 * layers                          # 4 decode steps (the 5th token needs none)
+
+
+@pytest.mark.parametrize("which", ["random", "trained"])
+def test_speculative_greedy_is_identical_to_full_greedy(model, trained_model, which):
+    m = model if which == "random" else trained_model[0]
+    rows = prompts(3, seed=2) if which == "random" else [trained_model[1].encode(t) for t in
+                                                         ["The capital of France is", "대한민국의 수도는", "def f(x):"]]
+    for B in (1, 3):
+        ids = rows[:B]
+        full = m.generate(ids, max_new_tokens=16)
+        for d in range(K - 1):
+            for k in (1, 2, 3, 5, "auto"):
+                out, acc = m.generate_speculative(ids, draft_stage=d, k_draft=k, max_new_tokens=16,
+                                                  return_acceptance=True)
+                assert torch.equal(out, full), (B, d, k)
+                assert 0.0 <= acc <= 1.0
+    if which == "trained":   # a trained draft agrees with the verifier well above chance
+        _, acc = m.generate_speculative(rows[:1], draft_stage=2, k_draft=3, max_new_tokens=24, return_acceptance=True)
+        assert acc > 0.3
+
+
+def test_speculative_sampling_matches_full_poe_distribution_exactly():
+    """V = 16 so the joint distribution of two tokens (256 cells) can be checked by chi-square.
+    The first token always goes through the draft/verify rule (the prompt's last token is pending)."""
+    cfg = PoEConfig.from_preset("tiny", vocab_size=16)
+    m = build_random_model(cfg, seed=12, head_scale=3.0)     # stages disagree: TV(p, q) ~ 0.5
+    prompt = [3, 7, 1]
+    sampling = Sampling(do_sample=True, temperature=0.9, seed=1234)
+    N = 12_000
+    gen = generate_speculative(m, [prompt] * N, draft_stage=1, k_draft=3, max_new_tokens=2, sampling=sampling)
+    pairs = torch.tensor(gen.tokens)
+    counts = torch.bincount(pairs[:, 0] * 16 + pairs[:, 1], minlength=256).double()
+    with torch.no_grad():
+        p1 = F.softmax(m(torch.tensor([prompt]))[0, -1] / 0.9, -1).double()
+        seqs = torch.tensor([prompt + [t] for t in range(16)])
+        p2 = F.softmax(m(seqs)[:, -1] / 0.9, -1).double()                  # (16, 16)
+        q1 = F.softmax(logop([lp[0, -1] for lp in m.stage_logprobs(torch.tensor([prompt]), 2)]) / 0.9, -1)
+    expected = (p1[:, None] * p2).flatten() * N
+
+    def chi2(exp):
+        keep = exp > 5
+        return float((((counts - exp) ** 2 / exp)[keep]).sum()), int(keep.sum()) - 1
+    stat, dof = chi2(expected)
+    # p = 1e-4 critical value via Wilson–Hilferty; a wrong rule (e.g. emitting the draft) blows far past it
+    crit = dof * (1 - 2 / (9 * dof) + 3.719 * math.sqrt(2 / (9 * dof))) ** 3
+    assert stat < crit, (stat, crit)
+    wrong = (q1.double()[:, None] * p2).flatten() * N
+    assert chi2(wrong)[0] > 5 * crit
+    assert 0 < gen.acceptance < 1
+
+
+def test_wand_infinite_bounds_equal_full_and_lazy_fill_is_exact(model):
+    rows = prompts(2, seed=3)
+    full = model.generate(rows, max_new_tokens=12)
+    out, stages = model.generate_wand(rows, max_new_tokens=12, p99_bounds=[math.inf] * 3, return_stages_used=True)
+    assert torch.equal(out, full) and all(s == [K - 1] * 12 for s in stages)
+    # finite bounds: tokens exit early; after flushing, the cache equals a full prefill of the same tokens
+    prompt = rows[0]
+    steps = wand_row_steps(model, prompt, 16, 1.0, [0.5, 0.5, 0.5])
+    emitted = []
+    while True:
+        try:
+            emitted.append(next(steps))
+        except StopIteration as stop:
+            walker: LazyDepth = stop.value
+            break
+    assert any(s < K - 1 for _, s in emitted) and any(s > 0 for _, s in emitted)
+    walker.flush()
+    seq = prompt + [t for t, _ in emitted[:-1]]                 # the last token was never fed back
+    ref = KVCache(model.config, 1, len(seq))
+    model.trunk(torch.tensor([seq]), cache=ref)
+    n = len(seq)
+    assert walker.filled == [n] * K
+    for layer in range(model.config.n_layer):
+        torch.testing.assert_close(walker.cache.k[layer][:, :, :n], ref.k[layer], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(walker.cache.v[layer][:, :, :n], ref.v[layer], rtol=1e-5, atol=1e-5)
+
+
+def test_wand_greedy_tokens_follow_the_exit_rule(model):
+    """Each WAND token is the argmax of the summed stage log-probs up to the stage that emitted it."""
+    prompt = prompts(1, seed=4, lengths=(6,))[0]
+    out, stages = model.generate_wand([prompt], max_new_tokens=10, p99_bounds=[1.0, 1.0, 1.0], return_stages_used=True)
+    seq = out[0].tolist()
+    for i, s in enumerate(stages[0]):
+        n = len(prompt) + i
+        logps = model.stage_logprobs(torch.tensor([seq[:n]]))
+        assert int(sum(lp[0, -1] for lp in logps[: s + 1]).argmax()) == seq[n]
+
+
+def test_calibrated_wand_and_auto_draft_on_trained_model(trained_model, tmp_path):
+    from poegpt.data import TokenLoader
+    from poegpt.speculative import measure_draft_thresholds
+    from poegpt.wand import measure_bounds
+    m, tok = trained_model
+    with pytest.raises(PoEError, match="calibrate"):
+        m.generate_wand(torch.tensor([tok.encode("Hello")]), max_new_tokens=4)
+    data = m.checkpoint_meta["train_args"]["data"]
+    bounds = measure_bounds(m, TokenLoader(data, "val", 2, 64, case_aug_p=0.0).iter_batches(4))
+    assert len(bounds["wand_p99_bounds"]) == K - 1 and all(b >= 0 for b in bounds["wand_p99_bounds"])
+    thresholds = measure_draft_thresholds(m, TokenLoader(data, "val", 2, 64, case_aug_p=0.0).iter_batches(4))
+    assert set(thresholds) == {"0", "1", "2"} and all(0 <= t <= 1 for t in thresholds.values())
+    ids = torch.tensor([tok.encode("The capital of France is")])
+    full = m.generate(ids, max_new_tokens=20)
+    out, stages = m.generate_wand(ids, max_new_tokens=20, p99_bounds=bounds["wand_p99_bounds"],
+                                  return_stages_used=True)
+    assert out.shape == full.shape and len(stages[0]) == 20
+    assert m.last_generation.extra["exit_layers_per_token"] <= 8
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m, ids: m.forward_stage(ids, stage=4), "stage"),
+    (lambda m, ids: m.generate_stage(ids, stage=-1), "stage"),
+    (lambda m, ids: m.generate_prefix(ids, max_stages=0), "max_stages"),
+    (lambda m, ids: m.generate_parallel_composition(ids, stages=[]), "stages"),
+    (lambda m, ids: m.generate_parallel_composition(ids, stages=[1, 1]), "duplicates"),
+    (lambda m, ids: m.generate_parallel_composition(ids, stages=[0, 1], stage_weights=[1.0]), "stage_weights"),
+    (lambda m, ids: m.generate_parallel_composition(ids, stages=[0, 1], stage_weights=[1.0, -1.0]), "stage_weights"),
+    (lambda m, ids: m.generate_parallel_composition(ids, stages=[0, 1], stage_weights=[0, 0]), "stage_weights"),
+    (lambda m, ids: m.generate_speculative(ids, k_draft=0), "k_draft"),
+    (lambda m, ids: m.generate_speculative(ids, draft_stage=3), "draft_stage"),
+    (lambda m, ids: m.generate_wand(ids, safety=-1.0, p99_bounds=[1, 1, 1]), "safety"),
+    (lambda m, ids: m.generate_wand(ids, p99_bounds=[1, 1]), "p99_bounds"),
+    (lambda m, ids: m.generate(torch.zeros(1, 60, dtype=torch.long), max_new_tokens=10), "maximum context length"),
+    (lambda m, ids: m.generate(torch.zeros(1, 0, dtype=torch.long)), "empty"),
+    (lambda m, ids: m.generate(ids, max_new_tokens=-1), "max_new_tokens"),
+    (lambda m, ids: m.generate(ids, do_sample=True, temperature=-0.5), "temperature"),
+    (lambda m, ids: m.generate(ids, do_sample=True, top_p=1.5), "top_p"),
+])
+def test_bad_mode_arguments_are_named(model, call, match):
+    with pytest.raises(PoEError, match=match):
+        call(model, torch.tensor([[1, 2, 3]]))
+
+
+def test_seeded_sampling_is_reproducible(model):
+    ids = torch.tensor(prompts(2, lengths=(4,)))
+    a = model.generate(ids, max_new_tokens=10, do_sample=True, temperature=1.0, top_k=50, seed=7)
+    b = model.generate(ids, max_new_tokens=10, do_sample=True, temperature=1.0, top_k=50, seed=7)
+    c = model.generate(ids, max_new_tokens=10, do_sample=True, temperature=1.0, top_k=50, seed=8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_eos_stops_rows(model):
+    ids = torch.tensor(prompts(2, lengths=(4,)))
+    free = model.generate(ids, max_new_tokens=10)
+    eos = int(free[0, 6])                                      # the third generated token of row 0
+    out = model.generate(ids, max_new_tokens=10, eos_token_id=eos)
+    assert out[0, 4:7].tolist() == free[0, 4:7].tolist() and (out[0, 7:] == eos).all()
+
+
+def test_stream_text_never_splits_characters_and_honours_stop(trained_model):
+    _, tok = trained_model
+    text = "대한민국의 수도는 서울이다. 🙂 emoji and 日本語 STOP here"
+    ids = tok.encode(text, add_special_tokens=False)
+    pieces = [d for _, d, _ in stream_text(tok, ([[t]] for t in ids), 1)]
+    assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
+    out = list(stream_text(tok, ([[t]] for t in ids), 1, stop=["STOP"]))
+    assert "".join(d for _, d, _ in out) == text[: text.index("STOP")] and out[-1][2] == "stop"
+    out = list(stream_text(tok, ([[t]] for t in ids[:5] + [tok.bos_id] + ids[5:]), 1, eos_token_id=tok.bos_id))
+    assert out[-1][2] == "stop" and "".join(d for _, d, _ in out) == tok.decode(ids[:5])
