@@ -201,6 +201,7 @@ class PoEGPT(nn.Module):
         self.smear_gate = nn.Linear(24, 1, bias=False)
         self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.backout_lambda = nn.Parameter(torch.zeros(1))
+        self._summed_heads: dict[int, tuple] = {}
         cos, sin = rotary_tables(config.sequence_len, config.head_dim, config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -312,8 +313,17 @@ class PoEGPT(nn.Module):
 
     # --- heads -----------------------------------------------------------------------------------
     def head_weight(self, stage: int) -> torch.Tensor:
-        """W_s + W_k: one (V_padded, d) matrix per stage."""
-        return self.lm_head.weight + self.lm_head_stages[stage].weight
+        """W_s + W_k: one (V_padded, d) matrix per stage. Outside autograd the sum is kept and reused
+        until either weight changes (their version counters say when), so decoding adds nothing per token."""
+        ws, wk = self.lm_head.weight, self.lm_head_stages[stage].weight
+        if torch.is_grad_enabled():
+            return ws + wk
+        key = (ws._version, wk._version, ws.data_ptr(), wk.data_ptr(), ws.dtype, ws.device)
+        cached = self._summed_heads.get(stage)
+        if cached is None or cached[0] != key:
+            cached = (key, ws + wk)
+            self._summed_heads[stage] = cached
+        return cached[1]
 
     def stage_logits(self, h: torch.Tensor, stage: int, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Soft-capped fp32 logits (..., V) of stage `stage` from its normed boundary state."""
