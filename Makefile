@@ -20,8 +20,9 @@ demo: install
 	$(POEGPT) prepare --recipe sample --tokenizer $(DEMO)/tokenizer --out $(DEMO)/data
 	$(POEGPT) train --data $(DEMO)/data --out $(DEMO)/run --depth 4 --sequence-len 256 --batch-size 8 \
 		--steps $(DEMO_STEPS) --eval-every 40 --save-every 40 --eval-tokens 32768 --resume
+	$(POEGPT) calibrate --model $(DEMO)/run --data $(DEMO)/data --tokens 16384
 	$(POEGPT) eval --model $(DEMO)/run --data $(DEMO)/data --prompts poegpt/assets/prompts.jsonl --out $(DEMO)/eval
-	$(POEGPT) generate --model $(DEMO)/run --max-new-tokens 48 \
+	$(POEGPT) generate --model $(DEMO)/run --mode all --max-new-tokens 32 \
 		--prompt "The capital of France is" --prompt "대한민국의 수도는" --prompt "def fibonacci(n):"
 
 test: install

@@ -144,35 +144,28 @@ def cmd_eval(a) -> None:
 
 
 def cmd_generate(a) -> None:
-    import time
     from .checkpoint import load_model
-    from .engine import Sampling, stream_text
-    from .modes import ModeSpec, mode_steps
+    from .engine import Sampling
+    from .modes import ModeSpec
     model, tok = load_model(a.model)
     if tok is None:
         raise PoEError("the checkpoint has no tokenizer; generation needs one")
     if any(not p for p in a.prompt):
         raise PoEError("--prompt is empty; give some text to continue")
+    sampling = Sampling(do_sample=a.temperature > 0, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                        seed=a.seed)
+    if a.mode == "all":
+        return _generate_all_modes(model, tok, a, sampling)
     k_draft = a.k_draft if a.k_draft == "auto" else _positive_int(a.k_draft, "--k-draft")
     spec = ModeSpec(a.mode, max_stages=a.max_stages, stage=a.stage,
                     stages=None if a.stages is None else tuple(a.stages),
                     stage_weights=None if a.stage_weights is None else tuple(a.stage_weights),
                     safety=a.safety, p99_bounds=None if a.p99_bounds is None else tuple(a.p99_bounds),
                     draft_stage=a.draft_stage, k_draft=k_draft)
-    sampling = Sampling(do_sample=a.temperature > 0, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                        seed=a.seed)
     for p in a.prompt:
-        rows = [tok.encode(p)]
-        t0 = time.perf_counter()
-        steps, gen = mode_steps(model, rows, spec, a.max_new_tokens, sampling, eos_token_id=tok.bos_id)
         print(p, end="", flush=True)
-        text = []
-        for _, delta, _ in stream_text(tok, steps, 1, stop=a.stop or (), eos_token_id=tok.bos_id):
-            text.append(delta)
-            if a.stream:
-                print(delta, end="", flush=True)
-        print("" if a.stream else "".join(text))
-        dt = time.perf_counter() - t0
+        text, gen, dt = _run_mode(model, tok, p, spec, a, sampling, echo=a.stream)
+        print("" if a.stream else text)
         n = len(gen.tokens[0])
         info = f"[{a.mode}: {n} tokens, {n / dt:.1f} tok/s"
         if gen.stages_used:
@@ -180,6 +173,51 @@ def cmd_generate(a) -> None:
         if gen.drafted:
             info += f", acceptance {gen.acceptance:.2f}"
         print(info + "]", file=sys.stderr)
+
+
+def _run_mode(model, tok, prompt, spec, a, sampling, echo=False):
+    """(text, Generation, seconds) for one prompt in one mode, printing text as it comes when echo."""
+    import time
+    from .engine import stream_text
+    from .modes import mode_steps
+    t0 = time.perf_counter()
+    steps, gen = mode_steps(model, [tok.encode(prompt)], spec, a.max_new_tokens, sampling, eos_token_id=tok.bos_id)
+    text = []
+    for _, delta, _ in stream_text(tok, steps, 1, stop=a.stop or (), eos_token_id=tok.bos_id):
+        text.append(delta)
+        if echo:
+            print(delta, end="", flush=True)
+    return "".join(text), gen, time.perf_counter() - t0
+
+
+def _generate_all_modes(model, tok, a, sampling) -> None:
+    """Each prompt in each of the six modes (default options), as a table."""
+    from .modes import ModeSpec
+    K = model.config.n_stages
+    b = model.config.boundaries
+    calibrated = "wand_p99_bounds" in getattr(model, "checkpoint_meta", {}).get("calibration", {})
+    specs = [("full", ModeSpec("full"), b[-1] + 1),
+             (f"prefix {K // 2}", ModeSpec("prefix", max_stages=K // 2), b[K // 2 - 1] + 1),
+             ("stage 0", ModeSpec("stage", stage=0), b[0] + 1),
+             (f"composition {list(range(0, K, 2))}", ModeSpec("composition", stages=tuple(range(0, K, 2))),
+              b[2 * ((K - 1) // 2)] + 1),
+             ("speculative d0 auto", ModeSpec("speculative", draft_stage=0, k_draft="auto"), None),
+             ("wand safety 1" if calibrated else "wand (no calibration: inf bounds)",
+              ModeSpec("wand", p99_bounds=None if calibrated else (float("inf"),) * (K - 1)), None)]
+    if not sampling.greedy:
+        specs = [s for s in specs if s[1].mode != "wand"]
+    for p in a.prompt:
+        print(f"\n{p!r}")
+        print(f"  {'mode':<28}{'tok/s':>8}{'layers/tok':>11}{'accept':>8}  text")
+        for label, spec, layers in specs:
+            text, gen, dt = _run_mode(model, tok, p, spec, a, sampling)
+            n = max(len(gen.tokens[0]), 1)
+            if layers is None and gen.stages_used:
+                layers = gen.extra["exit_layers_per_token"]
+            layers = f"{layers:.2f}" if layers is not None else "-"
+            accept = f"{gen.acceptance:.2f}" if gen.drafted else "-"
+            shown = " ".join(text.split())[:70]
+            print(f"  {label:<28}{n / dt:>8.1f}{layers:>11}{accept:>8}  {shown}")
 
 
 def _positive_int(value: str, name: str) -> int:
@@ -286,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("generate", help="continue prompts in any of the six PoE modes")
     s.add_argument("--model")
     s.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
-    s.add_argument("--mode", choices=["full", "prefix", "stage", "wand", "speculative", "composition"], default="full")
+    s.add_argument("--mode", choices=["full", "prefix", "stage", "wand", "speculative", "composition", "all"],
+                   default="full", help="all: every mode with default options, as a table")
     s.add_argument("--max-stages", dest="max_stages", type=int, help="prefix: how many stages")
     s.add_argument("--stage", type=int, help="stage: which stage")
     s.add_argument("--stages", type=int, nargs="+", help="composition: the stages to combine")
