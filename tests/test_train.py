@@ -250,6 +250,21 @@ def test_cli_end_to_end(data_dir, tmp_path):
     assert "full/geomean BPB" in r.stdout and (tmp_path / "eval" / "report.json").exists()
     r = run_cli("generate", "--model", str(tmp_path / "run"), "--prompt", "Hello", "--max-new-tokens", "5")
     assert r.returncode == 0 and r.stdout.startswith("Hello"), r.stderr
+    r = run_cli("generate", "--model", str(tmp_path / "run"), "--prompt", "x", "--mode", "wand")
+    assert r.returncode == 2 and "calibrate" in r.stderr
+    r = run_cli("calibrate", "--model", str(tmp_path / "run"), "--data", str(data_dir), "--tokens", "256",
+                "--batch-size", "2")
+    assert r.returncode == 0 and "WAND p99 bounds" in r.stdout, r.stderr
+    meta = json.loads((resolve_checkpoint(tmp_path / "run") / "meta.json").read_text())
+    assert len(meta["calibration"]["wand_p99_bounds"]) == 3
+    r = run_cli("generate", "--model", str(tmp_path / "run"), "--prompt", "대한민국", "--mode", "all",
+                "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    for label in ("full", "prefix 2", "stage 0", "composition", "speculative", "wand safety 1"):
+        assert label in r.stdout
+    r = run_cli("generate", "--model", str(tmp_path / "run"), "--prompt", "Hi", "--mode", "speculative",
+                "--k-draft", "0")
+    assert r.returncode == 2 and "--k-draft" in r.stderr
     r = run_cli("info", "--model", str(tmp_path / "run"))
     assert r.returncode == 0 and "parameters:" in r.stdout
 
