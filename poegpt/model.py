@@ -49,8 +49,9 @@ def rotary_tables(seq_len: int, head_dim: int, base: float, device=None) -> tupl
 def attention_mask(q_pos0: int, n_q: int, n_k: int, window: int, device) -> torch.Tensor | None:
     """Boolean (n_q, n_k) mask, True = attend: causal and within `window` of the query.
     Queries sit at absolute positions q_pos0 .. q_pos0+n_q-1, keys at 0 .. n_k-1.
-    None when plain causal attention with aligned ends (no cache offset) already is the rule."""
-    if q_pos0 == 0 and n_q == n_k and window >= n_q - 1:
+    None when no mask is needed: plain causal attention with aligned ends (no cache offset), or a
+    single query that sees every key (the common decode step)."""
+    if (q_pos0 == 0 and n_q == n_k and window >= n_q - 1) or (n_q == 1 and n_k == q_pos0 + 1 and window >= q_pos0):
         return None
     return window_mask(torch.arange(q_pos0, q_pos0 + n_q, device=device), n_k, window)
 
@@ -149,7 +150,7 @@ class CausalSelfAttention(nn.Module):
             mask = attention_mask(pos, T, k.size(2), self.window, x.device)
         else:
             mask = window_mask(pos, k.size(2), self.window).unsqueeze(1)  # (B, 1, T, n_k)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_head != self.n_kv_head)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
