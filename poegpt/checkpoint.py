@@ -32,37 +32,19 @@ STEP_PREFIX = "step_"
 DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo"
 
 
-def _flatten_optimizer(opts: list[torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], list]:
-    tensors, rest = {}, []
-    for i, opt in enumerate(opts):
-        sd = opt.state_dict()
-        scalars = {}
-        for pid, st in sd["state"].items():
-            for key, val in st.items():
-                if isinstance(val, torch.Tensor):
-                    tensors[f"{i}.{pid}.{key}"] = val.detach().contiguous().cpu()
-                else:
-                    scalars.setdefault(str(pid), {})[key] = val
-        rest.append({"param_groups": sd["param_groups"], "scalars": scalars})
+def _split_optimizer_state(flat: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Flattened optimiser state (keys 'state.<param>.<key>', 'param_groups.<param>.<key>'):
+    tensors for safetensors, everything else for JSON."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in flat.items() if isinstance(v, torch.Tensor)}
+    rest = {k: list(v) if isinstance(v, tuple) else v for k, v in flat.items() if not isinstance(v, torch.Tensor)}
     return tensors, rest
 
 
-def _unflatten_optimizer(opts: list[torch.optim.Optimizer], tensors: dict[str, torch.Tensor], rest: list) -> None:
-    if len(rest) != len(opts):
-        raise PoEError("the checkpoint's optimiser state does not match this run's optimisers")
-    for i, opt in enumerate(opts):
-        state: dict[int, dict] = {}
-        for pid, st in rest[i]["scalars"].items():
-            state.setdefault(int(pid), {}).update(st)
-        for name, t in tensors.items():
-            oi, pid, key = name.split(".", 2)
-            if int(oi) == i:
-                state.setdefault(int(pid), {})[key] = t
-        groups = rest[i]["param_groups"]
-        for g in groups:
-            if "betas" in g:
-                g["betas"] = tuple(g["betas"])
-        opt.load_state_dict({"state": state, "param_groups": groups})
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    flat = dict(tensors)
+    for k, v in rest.items():
+        flat[k] = tuple(v) if k.endswith(".betas") else v
+    return flat
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -94,19 +76,27 @@ def set_rng_state(tensors: dict[str, torch.Tensor], other: dict) -> None:
 
 def save_checkpoint(path, model, tokenizer=None, meta: dict | None = None, optimizers=None,
                     dtype: torch.dtype | None = None) -> Path:
-    """Write a checkpoint directory atomically. `optimizers` adds optimiser + RNG state (for --resume)."""
+    """Write a checkpoint directory atomically. `optimizers` adds optimiser + RNG state (for --resume).
+    (Distributed runs gather the full state on every rank and call `write_checkpoint` on rank 0.)"""
+    from .distributed import full_state
+    model_state, optim_state = full_state(model, optimizers)
+    return write_checkpoint(path, model.config, model_state, tokenizer, meta, optim_state, dtype)
+
+
+def write_checkpoint(path, config: PoEConfig, model_state: dict, tokenizer=None, meta: dict | None = None,
+                     optim_state: dict | None = None, dtype: torch.dtype | None = None) -> Path:
     def write(tmp: Path):
-        write_json_atomic(tmp / "config.json", model.config.to_dict())
+        write_json_atomic(tmp / "config.json", config.to_dict())
         state = {k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu()
-                 for k, v in model.state_dict().items()}
+                 for k, v in model_state.items()}
         save_file(state, tmp / MODEL_FILE)
         if tokenizer is not None:
             tokenizer.save(tmp)
         m = dict(meta or {})
         m.setdefault("format", "poegpt-checkpoint")
         m.setdefault("format_version", 1)
-        if optimizers is not None:
-            opt_tensors, opt_rest = _flatten_optimizer(optimizers)
+        if optim_state is not None:
+            opt_tensors, opt_rest = _split_optimizer_state(optim_state)
             save_file(opt_tensors, tmp / "optimizer.safetensors")
             write_json_atomic(tmp / "optimizer.json", opt_rest)
             rng_tensors, rng_other = rng_state()
@@ -190,8 +180,10 @@ def load_model(path=None, device="cpu", dtype: torch.dtype = torch.float32):
     return model, tok
 
 
-def load_training_state(path, optimizers) -> dict:
-    """Restore optimiser and RNG state from a checkpoint; return its meta."""
+def load_training_state(path, model, optimizers) -> dict:
+    """Restore optimiser (and RNG) state from a checkpoint into `optimizers` of `model`; return its meta.
+    Under FSDP every rank calls this (the state is full and keyed by parameter name)."""
+    from .distributed import load_optimizer_state
     path = Path(path)
     meta = read_meta(path)
     try:
@@ -200,7 +192,7 @@ def load_training_state(path, optimizers) -> dict:
         rng_tensors = load_file(path / "rng.safetensors")
     except (FileNotFoundError, SafetensorError, json.JSONDecodeError) as e:
         raise PoEError(f"{path} has no complete training state ({e}); it cannot be resumed from") from None
-    _unflatten_optimizer(optimizers, opt_tensors, opt_rest)
+    load_optimizer_state(model, optimizers, _join_optimizer_state(opt_tensors, opt_rest))
     set_rng_state(rng_tensors, meta["rng"])
     return meta
 

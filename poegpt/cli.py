@@ -306,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["fp32", "bf16"])
     s.add_argument("--device")
     s.add_argument("--loss-chunk", dest="loss_chunk", type=int)
+    s.add_argument("--parallel", choices=["ddp", "fsdp"], help="data parallelism under torchrun (default ddp)")
     s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     s.add_argument("--stop-at", dest="stop_at", type=int, help="stop (and save) after this step; resume later")
     s.add_argument("--quiet", action="store_true")

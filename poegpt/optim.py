@@ -10,6 +10,7 @@ warmdown over the last `warmdown_ratio` of the run; Muon's momentum ramps 0.85 -
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .model import PoEGPT
 
@@ -50,7 +51,11 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(g, 1 - group["momentum"])
                 g = g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                update = zeropower_newton_schulz(g, group["ns_steps"])
+                if isinstance(g, DTensor):   # FSDP2 shard: orthogonalise the whole matrix, keep our shard
+                    update = zeropower_newton_schulz(g.full_tensor(), group["ns_steps"])
+                    update = distribute_tensor(update, g.device_mesh, g.placements)
+                else:
+                    update = zeropower_newton_schulz(g, group["ns_steps"])
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update, alpha=-group["lr"] * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import (checkpoints_in, load_state, load_training_state, prune_checkpoints, read_meta,
-                         save_checkpoint, STEP_PREFIX)
+                         write_checkpoint, STEP_PREFIX)
+from .distributed import all_reduce_mean, barrier, full_state, init_distributed, parallelize
 from .config import PoEConfig
 from .errors import PoEError
 from .evaluate import stream_metrics
@@ -58,6 +59,7 @@ class TrainArgs:
     dtype: str = "fp32"                         # fp32 | bf16 (autocast)
     device: str = "auto"
     loss_chunk: int = 4096
+    parallel: str = "ddp"                       # under torchrun: ddp | fsdp
     progress: bool = True
 
     def model_config(self, vocab_size: int) -> PoEConfig:
@@ -167,33 +169,39 @@ def train(args: TrainArgs, resume: bool = False, stop_at: int | None = None) -> 
         raise PoEError("--steps and --batch-size must be >= 1")
 
     device = resolve_device(args.device)
+    info = init_distributed(device.type)
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
     tokenizer = Tokenizer.load(args.data)
     cfg = args.model_config(tokenizer.vocab_size)
-    micro_tokens = args.batch_size * cfg.sequence_len
+    micro_tokens = args.batch_size * cfg.sequence_len * info.world_size   # one micro-step over all ranks
     tokens_per_step = args.tokens_per_step or micro_tokens
     if tokens_per_step % micro_tokens:
-        raise PoEError(f"--tokens-per-step ({tokens_per_step}) must be a multiple of batch_size × sequence_len "
-                       f"({micro_tokens})")
+        raise PoEError(f"--tokens-per-step ({tokens_per_step}) must be a multiple of batch_size × sequence_len × "
+                       f"ranks ({micro_tokens})")
     accum = tokens_per_step // micro_tokens
 
     torch.manual_seed(args.seed)
     model = PoEGPT(cfg).to(device)
+    if latest is not None:
+        load_state(latest, model)
+    step_model = parallelize(model, args.parallel, info)   # what the step calls; `model` stays the module
     optimizers = build_optimizers(model, matrix_lr=args.matrix_lr, unembedding_lr=args.unembedding_lr,
                                   embedding_lr=args.embedding_lr)
     loader = TokenLoader(args.data, "train", args.batch_size, cfg.sequence_len, tokenizer=tokenizer,
-                         case_aug_p=args.case_aug_p, seed=args.seed)
+                         case_aug_p=args.case_aug_p, seed=args.seed, rank=info.rank, world_size=info.world_size)
     step, last_val = 0, None
     if latest is not None:
-        load_state(latest, model)
-        meta = load_training_state(latest, optimizers)
+        meta = load_training_state(latest, model, optimizers)
         loader.load_state_dict(meta["data_state"])
         step, last_val = meta["step"], meta.get("val")
-    run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
-    if latest is not None:
-        _truncate_metrics(metrics_path, step)
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if latest is not None:
+            _truncate_metrics(metrics_path, step)
+        elif metrics_path.exists():
+            metrics_path.unlink()
     token_bytes = torch.tensor(tokenizer.token_byte_lengths(), device=device)
     amp = autocast_for(device, args.dtype)
     flops_per_token = model.train_flops_per_token()
@@ -201,7 +209,8 @@ def train(args: TrainArgs, resume: bool = False, stop_at: int | None = None) -> 
     end = args.steps if stop_at is None else min(stop_at, args.steps)
 
     from tqdm import tqdm
-    interactive = args.progress and sys.stderr.isatty()  # a bar on a terminal, plain log lines in a log file
+    log = args.progress and info.is_main
+    interactive = log and sys.stderr.isatty()  # a bar on a terminal, plain log lines in a log file
     bar = tqdm(total=end, initial=step, disable=not interactive, desc="train", dynamic_ncols=True)
     log_every = max(1, (end - step) // 20)
     row: dict = {}
@@ -213,10 +222,12 @@ def train(args: TrainArgs, resume: bool = False, stop_at: int | None = None) -> 
         for _ in range(accum):
             x, y = (t.to(device) for t in loader.next_batch())
             with amp:
-                loss, stage_ce = model(x, y, loss_chunk=args.loss_chunk)
+                loss, stage_ce = step_model(x, y, loss_chunk=args.loss_chunk)
             (loss / accum).backward()
-            loss_sum += loss.item() / accum
+            loss_sum += loss.detach() / accum
             stage_sum = stage_ce / accum if stage_sum is None else stage_sum + stage_ce / accum
+        loss_sum = all_reduce_mean(loss_sum).item()
+        stage_sum = all_reduce_mean(stage_sum)
         if not math.isfinite(loss_sum):
             raise PoEError(f"the loss became {loss_sum} at step {step}; lower the learning rates or use fp32")
         for opt in optimizers:
@@ -227,24 +238,31 @@ def train(args: TrainArgs, resume: bool = False, stop_at: int | None = None) -> 
         tok_s = tokens_per_step / dt
         row = {"step": step, "loss": loss_sum, "stage_ce": stage_sum.tolist(), "lr_mult": lr_mult,
                "tokens": step * tokens_per_step, "tok_s": tok_s, "mfu": flops_per_token * tok_s / peak}
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if info.is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * row['mfu']:.1f}%")
-        if args.progress and not interactive and (step % log_every == 0 or step == end):
+        if log and not interactive and (step % log_every == 0 or step == end):
             print(f"step {step}/{args.steps} | loss {loss_sum:.4f} | {tok_s:,.0f} tok/s | MFU {100 * row['mfu']:.1f}%",
                   flush=True)
         if step % args.eval_every == 0 or step == args.steps:
-            last_val = validation_metrics(model, args, tokenizer, token_bytes, device, amp)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps({"step": step, "val": last_val}) + "\n")
-            bar.write(f"step {step}: val BPB full {last_val['bpb']['full']:.4f} | stages "
-                      + " ".join(f"{b:.4f}" for b in last_val["bpb"]["stages"]))
-            plot_metrics(run_dir)
+            last_val = validation_metrics(model, args, tokenizer, token_bytes, device, amp)  # every rank (FSDP)
+            if info.is_main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps({"step": step, "val": last_val}) + "\n")
+                if log:
+                    bar.write(f"step {step}: val BPB full {last_val['bpb']['full']:.4f} | stages "
+                              + " ".join(f"{b:.4f}" for b in last_val["bpb"]["stages"]))
+                plot_metrics(run_dir)
         if step % args.save_every == 0 or step == end:
-            meta = {"step": step, "data_state": loader.state_dict(), "train_args": dataclasses.asdict(args),
-                    "val": last_val, "tokens": step * tokens_per_step}
-            save_checkpoint(run_dir / "checkpoints" / f"{STEP_PREFIX}{step:06d}", model, tokenizer, meta, optimizers)
-            prune_checkpoints(run_dir, args.keep)
+            model_state, optim_state = full_state(model, optimizers)           # collective under FSDP
+            if info.is_main:
+                meta = {"step": step, "data_state": loader.state_dict(), "train_args": dataclasses.asdict(args),
+                        "val": last_val, "tokens": step * tokens_per_step, "world_size": info.world_size}
+                write_checkpoint(run_dir / "checkpoints" / f"{STEP_PREFIX}{step:06d}", cfg, model_state, tokenizer,
+                                 meta, optim_state)
+                prune_checkpoints(run_dir, args.keep)
+            barrier()
     bar.close()
     return {**row, "val": last_val, "step": step}

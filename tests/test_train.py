@@ -116,7 +116,7 @@ def test_checkpoint_round_trip_and_optimizer_state(tmp_path):
         assert torch.equal(v, loaded.state_dict()[k])
     model2 = PoEGPT(PoEConfig.from_preset("tiny"))
     opts2 = build_optimizers(model2)
-    load_training_state(tmp_path / "ck", opts2)
+    load_training_state(tmp_path / "ck", model2, opts2)
     for o1, o2 in zip(opts, opts2):
         s1, s2 = o1.state_dict(), o2.state_dict()
         assert s1["param_groups"] == s2["param_groups"]
@@ -174,7 +174,7 @@ def test_sigkill_during_training_never_corrupts_the_newest_checkpoint(data_dir, 
         model, tok = load_model(newest)                   # loads: weights, config, tokenizer intact
         assert tok is not None and model.config.n_stages == 4
         opts = build_optimizers(model)
-        meta = load_training_state(newest, opts)
+        meta = load_training_state(newest, model, opts)
         steps_seen.append(meta["step"])
     assert steps_seen == sorted(steps_seen) and steps_seen[-1] > steps_seen[0]
 
