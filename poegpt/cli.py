@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep", type=int)
     s.add_argument("--seed", type=int)
     s.add_argument("--case-aug-p", dest="case_aug_p", type=float)
-    s.add_argument("--dtype", choices=["fp32", "bf16"])
+    s.add_argument("--dtype", choices=["fp32", "bf16", "fp64"])
     s.add_argument("--device")
     s.add_argument("--loss-chunk", dest="loss_chunk", type=int)
     s.add_argument("--parallel", choices=["ddp", "fsdp"], help="data parallelism under torchrun (default ddp)")

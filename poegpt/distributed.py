@@ -63,8 +63,8 @@ def parallelize(model: torch.nn.Module, strategy: str, info: DistInfo) -> torch.
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         device_ids = [info.local_rank] if next(model.parameters()).is_cuda else None
-        # final_only leaves the early stage heads without gradients
-        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+        unused = model.config.objective == "final_only"   # it leaves the early stage heads without gradients
+        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=unused)
     from torch.distributed.fsdp import fully_shard
     for block in model.blocks:
         fully_shard(block)

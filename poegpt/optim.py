@@ -18,7 +18,7 @@ from .model import PoEGPT
 def zeropower_newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """Approximately orthogonalise G (the U·Vᵀ of its SVD) with a quintic Newton–Schulz iteration."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.bfloat16()
+    X = G.bfloat16() if G.is_cuda else G.to(torch.promote_types(G.dtype, torch.float32))  # bf16 on GPUs
     transpose = X.size(-2) > X.size(-1)
     if transpose:
         X = X.mT

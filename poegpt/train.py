@@ -56,7 +56,7 @@ class TrainArgs:
     keep: int = 2
     seed: int = 0
     case_aug_p: float = 0.15
-    dtype: str = "fp32"                         # fp32 | bf16 (autocast)
+    dtype: str = "fp32"                         # fp32 | bf16 (autocast) | fp64 (weights too: for exactness tests)
     device: str = "auto"
     loss_chunk: int = 4096
     parallel: str = "ddp"                       # under torchrun: ddp | fsdp
@@ -81,14 +81,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_for(device: torch.device, dtype: str):
-    if dtype not in ("fp32", "bf16"):
-        raise PoEError(f"--dtype must be fp32 or bf16, got {dtype!r} (fp16 is not supported)")
+    if dtype not in ("fp32", "bf16", "fp64"):
+        raise PoEError(f"--dtype must be fp32, bf16 or fp64, got {dtype!r} (fp16 is not supported)")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
 
 def measure_peak_flops(device: torch.device, dtype: str, n: int = 1024) -> float:
     """Achievable dense matmul FLOP/s on this device and dtype (used as MFU's denominator)."""
-    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    dt = {"bf16": torch.bfloat16, "fp64": torch.float64}.get(dtype, torch.float32)
     a = torch.randn(n, n, device=device, dtype=dt)
     for _ in range(2):
         a @ a
@@ -107,8 +107,13 @@ def validation_metrics(model, args: TrainArgs, tokenizer, token_bytes, device, a
     n_batches = max(1, args.eval_tokens // (args.batch_size * model.config.sequence_len))
     batches = (tuple(t.to(device) for t in b) for b in loader.iter_batches(n_batches))
     model.eval()
+    sharded = hasattr(model, "unshard")          # FSDP2: evaluation calls the trunk, not forward, so gather the root
+    if sharded:
+        model.unshard()
     with amp:
         m = stream_metrics(model, batches, token_bytes)
+    if sharded:
+        model.reshard()
     model.train()
     return m
 
@@ -182,7 +187,7 @@ def train(args: TrainArgs, resume: bool = False, stop_at: int | None = None) -> 
     accum = tokens_per_step // micro_tokens
 
     torch.manual_seed(args.seed)
-    model = PoEGPT(cfg).to(device)
+    model = PoEGPT(cfg).to(device, torch.float64 if args.dtype == "fp64" else torch.float32)
     if latest is not None:
         load_state(latest, model)
     step_model = parallelize(model, args.parallel, info)   # what the step calls; `model` stays the module
