@@ -253,6 +253,16 @@ def cmd_calibrate(a) -> None:
     print(f"stored in {ckpt / 'meta.json'}")
 
 
+def cmd_plan(a) -> None:
+    from .config import PoEConfig
+    from .plan import format_plan, make_plan
+    cfg = PoEConfig.from_depth(a.depth) if a.depth else PoEConfig.from_preset(a.preset)
+    if a.gpus < 1 or a.gpu_mem <= 0:
+        raise PoEError("--gpus must be >= 1 and --gpu-mem > 0")
+    p = make_plan(cfg, a.gpus, a.gpu_mem, a.tokens_per_step, a.steps, a.mfu, a.gpu_tflops)
+    print(format_plan(cfg, p, a.gpus, a.gpu_mem, a.tokens_per_step, a.steps, a.mfu, a.gpu_tflops))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="poegpt", description="GPTs trained as a Product of Experts over depth")
     sub = p.add_subparsers(dest="command", required=True)
@@ -351,6 +361,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", dest="batch_size", type=int, default=8)
     s.add_argument("--quantile", type=float, default=0.99)
     s.set_defaults(fn=cmd_calibrate)
+    s = sub.add_parser("plan", help="memory, micro-batch, FLOPs and GPU-hours of a training run")
+    s.add_argument("--preset", default="1.5b")
+    s.add_argument("--depth", type=int)
+    s.add_argument("--gpus", type=int, default=8)
+    s.add_argument("--gpu-mem", dest="gpu_mem", type=float, default=80.0, help="GB per GPU")
+    s.add_argument("--tokens-per-step", dest="tokens_per_step", type=int, default=1_048_576)
+    s.add_argument("--steps", type=int, default=60_000)
+    s.add_argument("--mfu", type=float, default=0.4)
+    s.add_argument("--gpu-tflops", dest="gpu_tflops", type=float, default=989.0, help="peak bf16 TFLOP/s per GPU")
+    s.set_defaults(fn=cmd_plan)
     return p
 
 
