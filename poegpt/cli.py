@@ -62,16 +62,17 @@ def cmd_tokenizer(a) -> None:
         tok = train_from_files(a.input, a.vocab_size, max_chars=a.max_chars)
     else:
         mixture = load_mixture(a.recipe)
+        base_share = sum(src.share for src in mixture.base)
 
-        def texts():
-            budget = a.max_chars
-            for src in mixture.sources:
+        def texts():   # with --max-chars, each base source gives its share of the budget
+            for src in mixture.base:
                 if not src.is_local:
                     raise PoEError(f"source {src.name!r} is not local; tokenizer training reads local sources only")
+                budget = None if a.max_chars is None else a.max_chars * src.share / base_share
                 for doc in read_documents(src):
                     if budget is not None:
                         if budget <= 0:
-                            return
+                            break
                         budget -= len(doc)
                     yield doc
         tok = Tokenizer.train(texts(), a.vocab_size)
@@ -282,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_tokenizer)
 
+    from .corpus import add_corpus_parser
+    add_corpus_parser(sub)
+
     s = sub.add_parser("prepare", help="tokenise a mixture into shards + manifest")
     s.add_argument("--recipe", default="sample")
     s.add_argument("--tokenizer", required=True, help="directory holding tokenizer_bpe.json")
@@ -316,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["fp32", "bf16", "fp64"])
     s.add_argument("--device")
     s.add_argument("--loss-chunk", dest="loss_chunk", type=int)
-    s.add_argument("--parallel", choices=["ddp", "fsdp"], help="data parallelism under torchrun (default ddp)")
+    s.add_argument("--parallel", choices=["ddp", "fsdp", "stage"],
+                   help="under torchrun: ddp / fsdp data parallelism (default ddp), or stage: one rank per stage")
     s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     s.add_argument("--stop-at", dest="stop_at", type=int, help="stop (and save) after this step; resume later")
     s.add_argument("--quiet", action="store_true")

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from .errors import PoEError
 
-STRATEGIES = ("ddp", "fsdp")
+STRATEGIES = ("ddp", "fsdp")   # stage parallelism: see stage_parallel.py
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,8 @@ def train(args: TrainArgs, resume: bool = False, stop_at: int | None = None) -> 
         device = torch.device("cuda", info.local_rank)
     tokenizer = Tokenizer.load(args.data)
     cfg = args.model_config(tokenizer.vocab_size)
-    micro_tokens = args.batch_size * cfg.sequence_len * info.world_size   # one micro-step over all ranks
+    data_ranks = 1 if args.parallel == "stage" else info.world_size
+    micro_tokens = args.batch_size * cfg.sequence_len * data_ranks        # one micro-step over all ranks
     tokens_per_step = args.tokens_per_step or micro_tokens
     if tokens_per_step % micro_tokens:
         raise PoEError(f"--tokens-per-step ({tokens_per_step}) must be a multiple of batch_size × sequence_len × "
@@ -190,11 +191,18 @@ def train(args: TrainArgs, resume: bool = False, stop_at: int | None = None) -> 
     model = PoEGPT(cfg).to(device, torch.float64 if args.dtype == "fp64" else torch.float32)
     if latest is not None:
         load_state(latest, model)
-    step_model = parallelize(model, args.parallel, info)   # what the step calls; `model` stays the module
+    stage_parallel = args.parallel == "stage" and info.enabled
+    if stage_parallel:
+        from .stage_parallel import all_reduce_shared_grads, check_stage_parallel, gather_owned, stage_loss_step
+        check_stage_parallel(model, info.world_size)
+        step_model = model
+    else:
+        step_model = parallelize(model, args.parallel, info)   # what the step calls; `model` stays the module
     optimizers = build_optimizers(model, matrix_lr=args.matrix_lr, unembedding_lr=args.unembedding_lr,
                                   embedding_lr=args.embedding_lr)
     loader = TokenLoader(args.data, "train", args.batch_size, cfg.sequence_len, tokenizer=tokenizer,
-                         case_aug_p=args.case_aug_p, seed=args.seed, rank=info.rank, world_size=info.world_size)
+                         case_aug_p=args.case_aug_p, seed=args.seed,  # stage ranks share each micro-batch
+                         rank=0 if stage_parallel else info.rank, world_size=1 if stage_parallel else info.world_size)
     step, last_val = 0, None
     if latest is not None:
         meta = load_training_state(latest, model, optimizers)
@@ -227,11 +235,17 @@ def train(args: TrainArgs, resume: bool = False, stop_at: int | None = None) -> 
         for _ in range(accum):
             x, y = (t.to(device) for t in loader.next_batch())
             with amp:
-                loss, stage_ce = step_model(x, y, loss_chunk=args.loss_chunk)
-            (loss / accum).backward()
+                if stage_parallel:   # this rank's stage only; it runs its own backward
+                    loss = stage_loss_step(model, x, y, scale=1 / accum) * cfg.n_stages
+                    stage_ce = torch.full((cfg.n_stages,), float("nan"))
+                else:
+                    loss, stage_ce = step_model(x, y, loss_chunk=args.loss_chunk)
+                    (loss / accum).backward()
             loss_sum += loss.detach() / accum
             stage_sum = stage_ce / accum if stage_sum is None else stage_sum + stage_ce / accum
-        loss_sum = all_reduce_mean(loss_sum).item()
+        if stage_parallel:
+            all_reduce_shared_grads(model)
+        loss_sum = all_reduce_mean(loss_sum).item()      # stage ranks: the mean of K terms x K = their sum
         stage_sum = all_reduce_mean(stage_sum)
         if not math.isfinite(loss_sum):
             raise PoEError(f"the loss became {loss_sum} at step {step}; lower the learning rates or use fp32")
@@ -251,6 +265,8 @@ def train(args: TrainArgs, resume: bool = False, stop_at: int | None = None) -> 
         if log and not interactive and (step % log_every == 0 or step == end):
             print(f"step {step}/{args.steps} | loss {loss_sum:.4f} | {tok_s:,.0f} tok/s | MFU {100 * row['mfu']:.1f}%",
                   flush=True)
+        if stage_parallel and (step % args.eval_every == 0 or step % args.save_every == 0 or step == end):
+            gather_owned(model)
         if step % args.eval_every == 0 or step == args.steps:
             last_val = validation_metrics(model, args, tokenizer, token_bytes, device, amp)  # every rank (FSDP)
             if info.is_main:
