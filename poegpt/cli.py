@@ -320,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["fp32", "bf16", "fp64"])
     s.add_argument("--device")
     s.add_argument("--loss-chunk", dest="loss_chunk", type=int)
+    s.add_argument("--compile-loss", dest="compile_loss", action="store_true", default=None,
+                   help="torch.compile the chunked stage-head loss (fuses the vocabulary-wide element-wise work)")
     s.add_argument("--parallel", choices=["ddp", "fsdp", "stage"],
                    help="under torchrun: ddp / fsdp data parallelism (default ddp), or stage: one rank per stage")
     s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")

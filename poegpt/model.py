@@ -339,7 +339,8 @@ class PoEGPT(nn.Module):
         return self.stage_logits(h, 0, weight=self.lm_head.weight)
 
     # --- forward ---------------------------------------------------------------------------------
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_chunk: int = 4096):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_chunk: int = 4096,
+                compile_loss: bool = False):
         """With targets: the training objective, as (loss, per-stage CE (K,) detached).
         Without: full-PoE normalised log-probs (B, T, V) (Log-OP of every stage, poe_alpha applied)."""
         cfg = self.config
@@ -355,7 +356,7 @@ class PoEGPT(nn.Module):
         stages = list(range(cfg.n_stages))[-n:]
         return poe_loss([hs[k].flatten(0, 1) for k in stages], [self.head_weight(k) for k in stages],
                         targets.flatten(), cfg, vocab_size=cfg.vocab_size, softcap=cfg.softcap, chunk=loss_chunk,
-                        n_stages=cfg.n_stages)
+                        n_stages=cfg.n_stages, compiled=compile_loss)
 
     @torch.no_grad()
     def stage_logprobs(self, idx: torch.Tensor, n_stages: int | None = None) -> list[torch.Tensor]:

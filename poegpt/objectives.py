@@ -53,8 +53,24 @@ def _chunk_terms(targets, objective: str, local_weight: float, vocab_size: int, 
     return torch.stack([loss, *[c.detach() for c in stage_ce]])
 
 
+_compiled_chunk_terms = None
+
+
+def chunk_terms_fn(compiled: bool):
+    """The per-chunk loss, eager or compiled. Compiled (inductor) fuses the vocabulary-wide
+    soft-cap / log-softmax / Log-OP chain into a few loops over V: 2.2x faster training steps at
+    V = 8192 on a 2-core CPU, where those element-wise passes cost more than the matmuls."""
+    global _compiled_chunk_terms
+    if not compiled:
+        return _chunk_terms
+    if _compiled_chunk_terms is None:
+        _compiled_chunk_terms = torch.compile(_chunk_terms, dynamic=False)
+    return _compiled_chunk_terms
+
+
 def poe_loss(hs: list[torch.Tensor], weights: list[torch.Tensor], targets: torch.Tensor, config: PoEConfig,
-             vocab_size: int, softcap: float, chunk: int = 4096, n_stages: int | None = None):
+             vocab_size: int, softcap: float, chunk: int = 4096, n_stages: int | None = None,
+             compiled: bool = False):
     """Objective of `config.objective` over normed stage states hs [(N, d)] with head weights [(V, d)].
 
     Returns (loss, stage_ce): the mean loss (a scalar to backprop) and the mean CE of each stage
@@ -65,8 +81,8 @@ def poe_loss(hs: list[torch.Tensor], weights: list[torch.Tensor], targets: torch
         end = start + chunk
         args = (targets[start:end], config.objective, config.local_weight, vocab_size, softcap, n,
                 *[h[start:end] for h in hs], *weights)
-        part = checkpoint(_chunk_terms, *args, use_reentrant=False) if torch.is_grad_enabled() \
-            else _chunk_terms(*args)
+        fn = chunk_terms_fn(compiled)
+        part = checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args)
         total = part if total is None else total + part
     count = (targets != IGNORE_INDEX).sum().clamp(min=1)
     loss = total[0] / count

@@ -59,6 +59,7 @@ class TrainArgs:
     dtype: str = "fp32"                         # fp32 | bf16 (autocast) | fp64 (weights too: for exactness tests)
     device: str = "auto"
     loss_chunk: int = 4096
+    compile_loss: bool = False                  # torch.compile the chunked loss (2.2x on CPU at V=8192)
     parallel: str = "ddp"                       # under torchrun: ddp | fsdp
     progress: bool = True
 
@@ -239,7 +240,7 @@ def train(args: TrainArgs, resume: bool = False, stop_at: int | None = None) -> 
                     loss = stage_loss_step(model, x, y, scale=1 / accum) * cfg.n_stages
                     stage_ce = torch.full((cfg.n_stages,), float("nan"))
                 else:
-                    loss, stage_ce = step_model(x, y, loss_chunk=args.loss_chunk)
+                    loss, stage_ce = step_model(x, y, loss_chunk=args.loss_chunk, compile_loss=args.compile_loss)
                     (loss / accum).backward()
             loss_sum += loss.detach() / accum
             stage_sum = stage_ce / accum if stage_sum is None else stage_sum + stage_ce / accum

@@ -252,3 +252,16 @@ def test_residual_logop_by_hand_two_stages(random_model, rebuild_model, token_ba
     pick = lambda p: p[0, torch.arange(9), y[0]]  # noqa: E731
     want = (-pick(p0).log().mean() + (-pick(P).log().mean()) + 0.25 * (-pick(p1).log().mean())) / 2
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("objective, lw", [("residual_logop", 0.5), ("joint_logop", 0.0)])
+def test_compiled_loss_equals_eager(objective, lw, random_model, rebuild_model, batch):
+    model = rebuild_model(random_model(seed=4), objective=objective, local_weight=lw)
+    x, y = batch
+    loss_e, ce_e = model(x, y, loss_chunk=21)
+    g_e = grads(model, loss_e)
+    loss_c, ce_c = model(x, y, loss_chunk=21, compile_loss=True)
+    g_c = grads(model, loss_c)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ce_c, ce_e, rtol=1e-5, atol=1e-6)
+    same_grads(g_c, g_e)
