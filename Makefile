@@ -11,7 +11,7 @@ install: .venv/.installed
 .venv/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[all]"
 	touch $@
 
 # Train a small PoE model on the bundled multilingual sample, evaluate it, generate from it.
