@@ -394,7 +394,9 @@ def _read_hf(source: Source) -> Iterator[str]:
     errors = []
     for a in attempts:
         try:
-            stream = datasets.load_dataset(a["path"], a["config"], split=a["split"], streaming=True)
+            stream = _open_stream(datasets, a["path"], a["config"], a["split"])
+        except PoEError:
+            raise
         except Exception as e:  # the hub raises many types (HTTP, connection, not found, gated)
             errors.append(f"{a['path']}: {_one_line(e)}")
             continue
@@ -409,6 +411,37 @@ def _read_hf(source: Source) -> Iterator[str]:
         return
     raise PoEError(f"source {source.name!r}: cannot reach the hub: {'; '.join(errors)}; "
                    f"connect to the network or point the source at local files")
+
+
+def _open_stream(datasets, path: str, config: str | None, split: str):
+    """A streaming iterable of records: from the hub by dataset id, or from a local copy of one.
+
+    A local `path` may be a `save_to_disk` directory (a Dataset, or a DatasetDict whose `split` is
+    taken) or a directory of parquet files (a hub dataset's parquet export); `config` then names a
+    subdirectory, as the hub lays out subsets. Either way records stream (an IterableDataset), so a
+    source is read only as far as its share needs, exactly as from the hub."""
+    local = Path(path).expanduser()
+    if not local.exists():
+        return datasets.load_dataset(path, config, split=split, streaming=True)
+    if config:
+        local = local / config
+        if not local.is_dir():
+            raise PoEError(f"local dataset {path}: no subdirectory {config!r} for config {config!r}; "
+                           f"lay subsets out as PATH/CONFIG/ or remove config")
+    if (local / "dataset_dict.json").exists() or (local / "state.json").exists():
+        ds = datasets.load_from_disk(str(local))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise PoEError(f"local dataset {local}: no split {split!r} (it has {sorted(ds)}); set split")
+            ds = ds[split]
+        return ds.to_iterable_dataset()
+    files = sorted(local.rglob(f"{split}-*.parquet")) or sorted(local.rglob(f"{split}/*.parquet")) \
+        or sorted(local.rglob("*.parquet"))
+    if not files:
+        raise PoEError(f"local dataset {local}: neither a save_to_disk directory nor parquet files; "
+                       f"save it with Dataset.save_to_disk or to_parquet")
+    return datasets.load_dataset("parquet", data_files={split: [str(f) for f in files]}, split=split,
+                                 streaming=True)
 
 
 def _one_line(e: Exception, limit: int = 200) -> str:

@@ -521,3 +521,60 @@ def test_loader_throughput(tok, sample_dir):
     for x, _ in loader.iter_batches(max_batches=20):
         n += x.numel()
     assert n / (time.perf_counter() - t0) > 20_000  # tokens/s; far above what CPU training consumes
+
+
+# ----------------------------------------------------------------------------- hf sources, offline
+
+def _records(source, n):
+    """n records of `source` in the layout its text_field expects (as on the hub)."""
+    tag = source.name.replace("_", "").capitalize()
+    texts = english_docs(n, tag)
+    field = source.text_field
+    if field == "messages":
+        return [{"messages": [{"role": "user", "content": t}, {"role": "assistant", "content": "Yes."}]} for t in texts]
+    if field == "conversations":
+        return [{"conversations": [{"from": "human", "value": t}, {"from": "gpt", "value": "Yes."}]} for t in texts]
+    if isinstance(field, dict):
+        return [{"system_prompt": "Be brief.", "question": t, "response": "Yes."} for t in texts]
+    return [{field: t} for t in texts]
+
+
+def test_frontier_v2_streams_from_local_dataset_copies(tok, tmp_path):
+    """The card's recipe, every source a local copy in one of the formats `datasets` saves (parquet
+    export or save_to_disk, with the recipe's config subdirectories and splits): prepare streams them
+    through `datasets`, honours the card's shares, keeps the overlay train-only and holds out
+    validation from base sources only."""
+    datasets = pytest.importorskip("datasets")
+    m = load_mixture("frontier_v2")
+    for i, s in enumerate(m.sources):
+        root = tmp_path / s.name
+        where = root / s.config if s.config else root
+        ds = datasets.Dataset.from_list(_records(s, 300))
+        if i % 2:   # the hub's parquet export layout: SPLIT-00000-of-00001.parquet
+            where.mkdir(parents=True)
+            ds.to_parquet(str(where / f"{s.split}-00000-of-00001.parquet"))
+        elif i % 4:
+            datasets.DatasetDict({s.split: ds, "other": ds.select(range(3))}).save_to_disk(str(where))
+        else:
+            ds.save_to_disk(str(where))
+        s.path = str(root)
+    man = prepare(m, tok, tmp_path / "out", max_tokens=30_000)
+    by_name, eff = {x["name"]: x for x in man["sources"]}, man["effective_shares"]
+    for s in m.sources:
+        assert eff[s.name] == pytest.approx(s.share, abs=0.004), s.name
+        assert by_name[s.name]["train_tokens"] > 0
+    assert by_name["openorca"]["val_documents"] == 0
+    assert all(by_name[s.name]["val_documents"] >= 1 for s in m.base)
+    val_text = " ".join(tok.decode(list(d)) for d in shard_docs(tmp_path / "out", "val"))
+    train_text = " ".join(tok.decode(list(d)) for d in shard_docs(tmp_path / "out", "train"))
+    assert "Openorca" not in val_text and "Assistant: Yes." in train_text   # dialogs flattened, train only
+    assert "Culturaxko" in val_text + train_text
+
+
+def test_local_dataset_errors(tmp_path):
+    pytest.importorskip("datasets")
+    (tmp_path / "empty").mkdir()
+    for src, match in [(Source("x", "hf", str(tmp_path / "empty"), 1.0), "neither a save_to_disk"),
+                       (Source("x", "hf", str(tmp_path / "empty"), 1.0, config="ko"), "no subdirectory 'ko'")]:
+        with pytest.raises(PoEError, match=match):
+            next(read_documents(src))
