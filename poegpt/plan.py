@@ -78,18 +78,20 @@ def make_plan(cfg: PoEConfig, gpus: int, gpu_mem_gb: float, tokens_per_step: int
     micro = max(0, int(free // act))
     micro_ckpt = max(0, int(free // act_ckpt))
 
-    def accum(mb):
+    def fit(mb) -> tuple[int, int]:
+        """(micro-batch, accumulation): the largest micro-batch that fits and divides the step."""
         if mb == 0:
-            return 0
+            return 0, 0
         per_step = T * gpus
         mb = min(mb, tokens_per_step // per_step)
-        while tokens_per_step % (mb * per_step):        # the largest micro-batch that divides the step
+        while tokens_per_step % (mb * per_step):
             mb -= 1
-        return tokens_per_step // (mb * per_step)
+        return mb, tokens_per_step // (mb * per_step)
+    (micro, accum), (micro_ckpt, accum_ckpt) = fit(micro), fit(micro_ckpt)
     train_flops = model.train_flops_per_token()
     total = float(train_flops) * tokens_per_step * steps
     return Plan(params, param_bytes, grad_bytes, optimizer_bytes, state_per_gpu, act, act_ckpt,
-                micro, micro_ckpt, accum(micro), accum(micro_ckpt), train_flops,
+                micro, micro_ckpt, accum, accum_ckpt, train_flops,
                 [model.flops_per_token(m) for m in range(1, K + 1)], total,
                 total / (mfu * gpu_tflops * 1e12) / 3600)
 

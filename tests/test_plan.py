@@ -24,11 +24,13 @@ def test_plan_arithmetic_for_tiny():
     assert p.act_bytes_per_seq == 64 * 8 * per_layer + 64 * 64 * 2 * 2
     assert p.act_bytes_per_seq_ckpt == 64 * 8 * 64 * 2 + 64 * per_layer + 64 * 64 * 2 * 2
     free = 0.9 * 0.01e9 - p.state_bytes_per_gpu - 64 * 512 * 4 * 4 * 3
-    assert p.micro_batch == int(free // p.act_bytes_per_seq) and p.micro_batch > 0
-    mb = min(p.micro_batch, 4096 // (64 * 2))
-    while 4096 % (mb * 64 * 2):
+    fits = int(free // p.act_bytes_per_seq)
+    mb = min(fits, 4096 // (64 * 2))
+    while 4096 % (mb * 64 * 2):      # the largest micro-batch that fits and divides the step
         mb -= 1
-    assert p.grad_accum == 4096 // (mb * 64 * 2)
+    assert 0 < p.micro_batch == mb <= fits
+    assert p.micro_batch * 64 * 2 * p.grad_accum == 4096
+    assert p.micro_batch_ckpt * 64 * 2 * p.grad_accum_ckpt == 4096
     assert p.total_flops == p.train_flops_per_token * 4096 * 100
     assert abs(p.gpu_hours - p.total_flops / (0.5 * 1e12) / 3600) < 1e-12
     assert p.stage_flops_per_token == sorted(p.stage_flops_per_token)
@@ -38,4 +40,5 @@ def test_plan_cli_for_the_card_preset():
     r = subprocess.run([sys.executable, "-m", "poegpt.cli", "plan", "--preset", "1.5b", "--gpus", "8",
                         "--gpu-mem", "80"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "1,507,591,082 parameters" in r.stdout and "accumulation" in r.stdout and "GPU-hours" in r.stdout
+    assert "1,507,591,082 parameters" in r.stdout and "GPU-hours" in r.stdout
+    assert "micro-batch 16, accumulation 4" in r.stdout     # 16 x 2048 x 8 x 4 = 1,048,576 tokens
