@@ -200,3 +200,20 @@ def load_training_state(path, model, optimizers) -> dict:
 def prune_checkpoints(run_dir, keep: int) -> None:
     for old in checkpoints_in(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def pack_checkpoint(src, out, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A slim inference checkpoint from a training one: weights in `dtype`, the tokenizer, and the
+    meta a user needs (step, tokens, validation metrics, train args, calibration), without the
+    optimiser, RNG and data-loader state. This is how the shipped demo model is made."""
+    from .tokenizer import TOKENIZER_FILE, Tokenizer
+    ckpt = resolve_checkpoint(src)
+    cfg = PoEConfig.load(ckpt)
+    try:
+        state = load_file(ckpt / MODEL_FILE)
+    except (SafetensorError, OSError) as e:
+        raise PoEError(f"{ckpt / MODEL_FILE} is not readable ({e}); the checkpoint is corrupt") from None
+    tok = Tokenizer.load(ckpt) if (ckpt / TOKENIZER_FILE).exists() else None
+    meta = {k: v for k, v in read_meta(ckpt).items() if k in ("step", "tokens", "val", "train_args", "calibration")}
+    meta["packed_from"] = {"step": meta.get("step"), "dtype": str(dtype).removeprefix("torch.")}
+    return write_checkpoint(out, cfg, state, tok, meta, dtype=dtype)

@@ -254,6 +254,14 @@ def cmd_calibrate(a) -> None:
     print(f"stored in {ckpt / 'meta.json'}")
 
 
+def cmd_pack(a) -> None:
+    import torch
+    from .checkpoint import pack_checkpoint
+    out = pack_checkpoint(a.checkpoint, a.out, {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype])
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"packed {a.checkpoint} into {out} ({size / 1e6:.1f} MB, {a.dtype})")
+
+
 def cmd_plan(a) -> None:
     from .config import PoEConfig
     from .plan import format_plan, make_plan
@@ -368,6 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", dest="batch_size", type=int, default=8)
     s.add_argument("--quantile", type=float, default=0.99)
     s.set_defaults(fn=cmd_calibrate)
+    s = sub.add_parser("pack", help="a slim inference checkpoint (weights in bf16, no optimiser state)")
+    s.add_argument("checkpoint", help="checkpoint or run directory (its newest checkpoint)")
+    s.add_argument("out")
+    s.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    s.set_defaults(fn=cmd_pack)
     s = sub.add_parser("plan", help="memory, micro-batch, FLOPs and GPU-hours of a training run")
     s.add_argument("--preset", default="1.5b")
     s.add_argument("--depth", type=int)

@@ -10,6 +10,7 @@ Presets:
             V=48,000, context 2,048; exactly 1,507,591,082 parameters
     demo  - the shipped default model: 8 layers as (4, 2, 1, 1), d=256, GQA 4/2 heads of 64, V=4,096,
             context 512, SSSL; 14.2M parameters (docs/demo_model.md)
+    small - the demo's shape at d=128 and context 256, for objective ablations (docs/ablation.md)
 
 `PoEConfig.from_depth(n)` is nanochat's depth dial: width 64·n rounded up to whole heads of 128
 (64 when narrower than 512), KV heads the largest proper divisor of the head count (GQA), and a stage layout in the card's proportions 12:5:4:3.
@@ -205,8 +206,14 @@ def _demo() -> PoEConfig:
                      sequence_len=512, stage_layout=(4, 2, 1, 1))
 
 
+def _small() -> PoEConfig:
+    """The demo's shape at half the width and context, for objective ablations (docs/ablation.md)."""
+    return PoEConfig(vocab_size=4096, n_layer=8, n_embd=128, n_head=2, n_kv_head=1, head_dim=64,
+                     sequence_len=256, stage_layout=(4, 2, 1, 1))
+
+
 def _card_1_5b() -> PoEConfig:
     return PoEConfig.from_depth(24, vocab_size=48_000, sequence_len=2048)
 
 
-PRESETS = {"tiny": _tiny, "demo": _demo, "1.5b": _card_1_5b}
+PRESETS = {"tiny": _tiny, "small": _small, "demo": _demo, "1.5b": _card_1_5b}

@@ -275,6 +275,21 @@ def test_cli_end_to_end(data_dir, tmp_path):
     assert r.returncode == 2 and "--k-draft" in r.stderr
     r = run_cli("info", "--model", str(tmp_path / "run"))
     assert r.returncode == 0 and "parameters:" in r.stdout
+    # pack: the slim bf16 inference checkpoint keeps weights (rounded), tokenizer and calibration only
+    r = run_cli("pack", str(tmp_path / "run"), str(tmp_path / "packed"))
+    assert r.returncode == 0 and "bf16" in r.stdout, r.stderr
+    packed = tmp_path / "packed"
+    assert sorted(f.name for f in packed.iterdir()) == ["config.json", "meta.json", "model.safetensors",
+                                                        "tokenizer_bpe.json"]
+    m_full, tok_full = load_model(tmp_path / "run")
+    m_packed, tok_packed = load_model(packed)
+    for (n, a), (_, b) in zip(m_full.state_dict().items(), m_packed.state_dict().items()):
+        assert torch.equal(a.to(torch.bfloat16).float(), b), n
+    assert tok_packed.encode("대한민국 hello") == tok_full.encode("대한민국 hello")
+    meta = json.loads((packed / "meta.json").read_text())
+    assert meta["calibration"]["wand_p99_bounds"] and meta["step"] == 4 and "data_state" not in meta
+    r = run_cli("generate", "--model", str(packed), "--prompt", "x", "--mode", "wand", "--max-new-tokens", "3")
+    assert r.returncode == 0, r.stderr
 
 
 @pytest.mark.parametrize("args, message", [
