@@ -488,6 +488,11 @@ class PoEGPT(nn.Module):
         heads = 1 if self.config.objective == "final_only" else self.config.n_stages
         return self.flops_per_token(training=True, heads=heads)
 
+    def decode_weight_bytes(self, n_stages: int | None = None, dtype=torch.bfloat16) -> int:
+        """Weight bytes a batch-1 decode step reads through the first n stages (matmul weights incl. the
+        summed stage heads; embedding rows are gathered, not read whole): the roofline's numerator."""
+        return self.flops_per_token(n_stages, context=0) // 2 * torch.finfo(dtype).bits // 8
+
     def kv_bytes_per_token(self, dtype=torch.bfloat16, n_stages: int | None = None) -> int:
         cfg = self.config
         m = cfg.n_stages if n_stages is None else n_stages
