@@ -293,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .corpus import add_corpus_parser
     add_corpus_parser(sub)
+    from .hf import add_export_parser; add_export_parser(sub)
+    from .server import add_serve_parser; add_serve_parser(sub)
 
     s = sub.add_parser("prepare", help="tokenise a mixture into shards + manifest")
     s.add_argument("--recipe", default="sample")

@@ -17,6 +17,7 @@ value embeddings of its layers, shared head, scalars).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -46,6 +47,7 @@ def rotary_tables(seq_len: int, head_dim: int, base: float, device=None) -> tupl
     return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
 
 
+@functools.lru_cache(maxsize=16)   # the short-window layers of one forward share their mask
 def attention_mask(q_pos0: int, n_q: int, n_k: int, window: int, device) -> torch.Tensor | None:
     """Boolean (n_q, n_k) mask, True = attend: causal and within `window` of the query.
     Queries sit at absolute positions q_pos0 .. q_pos0+n_q-1, keys at 0 .. n_k-1.
