@@ -54,6 +54,9 @@ def run_all(data: str, out: Path, steps: int, dtype: str) -> dict[str, list[dict
     return history
 
 
+NOTES_MARKER = "<!-- notes: kept across reruns -->"
+
+
 def fmt(x: float) -> str:
     return f"{x:.3f}"
 
@@ -92,7 +95,10 @@ def write_doc(history: dict[str, list[dict]], doc_dir: Path, steps: int, tokens:
         lines += [f"| s{i} | " + " | ".join(f"{a[i][j]:.2f}" for j in range(K)) + " |" for i in range(K)]
         lines.append("")
     lines += ["## Per-stage validation BPB over training", "", "![per-stage BPB](ablation_bpb.png)", ""]
-    (doc_dir / "ablation.md").write_text("\n".join(lines), encoding="utf-8")
+    doc = doc_dir / "ablation.md"
+    # Hand-written reading of the numbers lives below NOTES_MARKER and survives a rerun.
+    notes = doc.read_text(encoding="utf-8").partition(NOTES_MARKER)[2] if doc.exists() else ""
+    doc.write_text("\n".join(lines) + "\n" + NOTES_MARKER + (notes or "\n"), encoding="utf-8")
 
     fig, axes = plt.subplots(1, len(history), figsize=(3.2 * len(history), 3.2), sharey=True)
     for ax, (name, evals) in zip(axes, history.items()):
