@@ -10,10 +10,11 @@ Three pieces, each usable on its own:
    documents from `base` sources only, takes whole documents until each source's token budget is
    met, interleaves them in a seeded shuffle and writes flat uint16/uint32 shards plus a
    `manifest.json`. The output directory appears atomically: a crash never leaves half a dataset.
-3. **TokenLoader.** Memory-maps the shards and streams (inputs, targets) batches of rows that start
-   at a document start and are packed full (nanochat's crop rule: no padding). Train documents are
-   shuffled per epoch and case-augmented (the card: p=0.15, lower or upper 50/50); the validation
-   split is read in order, once. The loader's position is a tiny dict, so resuming is exact, and
+3. **TokenLoader.** Memory-maps the shards and streams (inputs, targets) batches. Train rows start
+   at a document start and are packed full (nanochat's crop rule: no padding); train documents are
+   shuffled per epoch and case-augmented (the card: p=0.15, lower or upper 50/50). The validation
+   split is read once, in order, as one stream cut into consecutive rows, so every validation token
+   is scored (cropping would drop most of each long document). The loader's position is a tiny dict, so resuming is exact, and
    every data-parallel rank derives its rows from the same global stream.
 
 Share semantics: `base` shares are fractions of the base mix and sum to 1. `overlay` shares are extra
@@ -805,6 +806,7 @@ class TokenLoader:
             raise PoEError(f"the {split} split of {self.data_dir} is empty; "
                            f"prepare with more data (or val_fraction > 0 for a val split)")
         self.epoch, self.pos = 0, 0
+        self._val_carry = np.zeros(0, dtype=np.int64)
         self._perm_epoch, self._perm = None, None
         self.num_batches = self._count_val_batches() if split == "val" else None
         if self.num_batches == 0:
@@ -829,12 +831,8 @@ class TokenLoader:
         self.num_docs, self.num_tokens = len(self._doc_len), int(self._doc_len.sum())
 
     def _count_val_batches(self) -> int:
-        """How many full global batches the val split gives (no augmentation, so lengths are known)."""
-        rows, room = 0, self.seq_len + 1
-        for n in self._doc_len.tolist():
-            room -= n
-            if room <= 0:
-                rows, room = rows + 1, self.seq_len + 1
+        """How many full global batches the val stream gives: rows start every seq_len tokens."""
+        rows = (self.num_tokens - 1) // self.seq_len
         return rows // (self.batch_size * self.world_size)
 
     # --- the document stream
@@ -881,7 +879,22 @@ class TokenLoader:
         text = text.lower() if case == "lower" else text.upper()
         return np.asarray(self.tokenizer.encode(text, add_special_tokens=True), dtype=np.int64)
 
+    def _next_val_row(self) -> np.ndarray:
+        """Validation reads the split as one stream in file order: row i is tokens [i·T, i·T + T + 1),
+        so every token but the first is scored exactly once and no document is cropped away."""
+        need = self.seq_len + 1
+        parts, have = [self._val_carry], len(self._val_carry)
+        while have < need:
+            n, tokens = self._next_doc(True)
+            parts.append(tokens)
+            have += n
+        stream = np.concatenate(parts).astype(np.int64, copy=False)
+        self._val_carry = stream[self.seq_len:]  # the row's last token starts the next row
+        return stream[:need]
+
     def _next_row(self, materialize: bool) -> np.ndarray | None:
+        if self.split == "val":
+            return self._next_val_row()
         row = np.empty(self.seq_len + 1, dtype=np.int64) if materialize else None
         filled = 0
         while filled < self.seq_len + 1:
@@ -918,6 +931,7 @@ class TokenLoader:
     def reset(self) -> None:
         """Back to the start of epoch 0 (e.g. before every validation pass)."""
         self.epoch, self.pos = 0, 0
+        self._val_carry = np.zeros(0, dtype=np.int64)
 
     def state_dict(self) -> dict:
         return {"split": self.split, "epoch": self.epoch, "pos": self.pos, "seed": self.seed,
@@ -934,3 +948,4 @@ class TokenLoader:
         if not (isinstance(epoch, int) and isinstance(pos, int) and epoch >= 0 and 0 <= pos <= self.num_docs):
             raise PoEError(f"the loader state has an invalid position (epoch={epoch!r}, pos={pos!r})")
         self.epoch, self.pos = epoch, pos
+        self._val_carry = np.zeros(0, dtype=np.int64)

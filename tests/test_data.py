@@ -447,20 +447,9 @@ def test_case_augmentation_rate_train_only(tok, tmp_path):
     assert min(seen["lower"], seen["upper"]) > 0.3 * (seen["lower"] + seen["upper"])
     val = TokenLoader(tmp_path / "out", "val", batch_size=1, seq_len=16, tokenizer=tok, case_aug_p=0.9)
     val_docs = shard_docs(tmp_path / "out", "val")
-    for x, y in val.iter_batches():
-        row = torch.cat([x, y[:, -1:]], dim=1)[0].tolist()
-        assert any(d[:len(row)] == tuple(row) for d in val_docs)  # verbatim (cropped) val documents
-
-
-def packed_rows(docs, seq_len):
-    """The loader's rule, written out: pack documents greedily, crop the one that overflows."""
-    rows, cur = [], []
-    for d in docs:
-        cur += d[:seq_len + 1 - len(cur)]
-        if len(cur) == seq_len + 1:
-            rows.append(cur)
-            cur = []
-    return rows
+    stream = [t for d in val_docs for t in d]
+    rows = [torch.cat([x, y[:, -1:]], dim=1)[0].tolist() for x, y in val.iter_batches()]
+    assert rows and rows == [stream[i * 16:i * 16 + 17] for i in range(len(rows))]  # verbatim, never augmented
 
 
 def test_val_loader_order_and_stop(tok, sample_dir):
@@ -470,8 +459,12 @@ def test_val_loader_order_and_stop(tok, sample_dir):
     with pytest.raises(StopIteration):
         val.next_batch()
     rows = [r for x, y in batches for r in torch.cat([x, y[:, -1:]], dim=1).tolist()]
-    expected = packed_rows(shard_docs(sample_dir, "val"), 64)  # file order, no shuffle, no augmentation
+    stream = [t for d in shard_docs(sample_dir, "val") for t in d]  # file order, no shuffle, no augmentation
+    expected = [stream[i * 64:i * 64 + 65] for i in range((len(stream) - 1) // 64)]
     assert rows == expected[:len(rows)] and len(expected) - len(rows) < 2
+    # every token of the stream but the first is a target exactly once (up to the last partial batch)
+    targets = [t for r in rows for t in r[1:]]
+    assert targets == stream[1:1 + len(targets)] and len(stream) - 1 - len(targets) < 2 * 64 + 64
     val.reset()
     again = list(val.iter_batches(max_batches=2))
     assert len(again) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(again, batches))
