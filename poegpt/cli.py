@@ -25,9 +25,11 @@ def cmd_info(a) -> None:
     import torch
     from .config import PoEConfig
     from .model import PoEGPT
+    meta = None
     if a.model:
-        from .checkpoint import resolve_checkpoint
-        cfg = PoEConfig.load(resolve_checkpoint(a.model))
+        from .checkpoint import read_meta, resolve_checkpoint
+        path = resolve_checkpoint(None if a.model == "demo" else a.model)
+        cfg, meta = PoEConfig.load(path), read_meta(path)
     elif a.depth:
         cfg = PoEConfig.from_depth(a.depth, vocab_size=a.vocab_size or 48_000)
     else:
@@ -53,6 +55,13 @@ def cmd_info(a) -> None:
               f"({100 * f / full:5.1f}% of full)")
     print(f"training FLOPs per token ({cfg.objective}): {model.train_flops_per_token() / 1e9:.3f} GFLOP")
     print(f"KV cache: {model.kv_bytes_per_token(torch.bfloat16):,} bytes per token (bf16)")
+    if meta:
+        print(f"\ncheckpoint: step {meta.get('step', '?')}, {meta.get('tokens', 0):,} tokens trained")
+        if "val" in meta:
+            b = meta["val"]["bpb"]
+            print(f"  last training eval: val BPB full {b['full']:.4f}, stages " + " / ".join(f"{x:.4f}" for x in b["stages"]))
+        if "calibration" in meta:
+            print("  WAND p99 bounds " + ", ".join(f"{x:.3f}" for x in meta["calibration"]["wand_p99_bounds"]))
 
 
 def cmd_tokenizer(a) -> None:
@@ -280,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset")
     s.add_argument("--depth", type=int)
     s.add_argument("--vocab-size", type=int)
-    s.add_argument("--model", help="checkpoint or run directory")
+    s.add_argument("--model", help="checkpoint or run directory ('demo': the shipped demo model)")
     s.set_defaults(fn=cmd_info)
 
     s = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")

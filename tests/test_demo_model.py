@@ -1,0 +1,57 @@
+"""The shipped demo model: what the package promises about it, checked on the real weights."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from poegpt.checkpoint import DEMO_MODEL_DIR, MODEL_FILE, load_model
+from poegpt.config import PoEConfig
+
+PROMPTS = ["The capital of France is", "대한민국의 수도는", "def fibonacci(n):"]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_model(None)  # no path: the shipped model
+
+
+def test_demo_is_the_default_and_matches_its_preset(demo):
+    model, tok = demo
+    cfg = model.config
+    assert cfg == PoEConfig.load(DEMO_MODEL_DIR)
+    preset = PoEConfig.from_preset("demo", vocab_size=cfg.vocab_size)
+    assert (cfg.n_layer, cfg.stage_layout, cfg.window_pattern, cfg.head_dim) == \
+        (preset.n_layer, preset.stage_layout, preset.window_pattern, preset.head_dim)
+    assert cfg.head_dim in (64, 128) and cfg.n_kv_head < cfg.n_head        # vLLM CPU attention, GQA
+    assert tok is not None and tok.vocab_size == cfg.vocab_size
+    assert (DEMO_MODEL_DIR / MODEL_FILE).stat().st_size <= 60 * 2**20
+
+
+def test_demo_ships_calibration_and_its_eval_report(demo):
+    model, _ = demo
+    cal = model.checkpoint_meta["calibration"]
+    assert len(cal["wand_p99_bounds"]) == model.config.n_stages - 1
+    assert all(math.isfinite(b) and b > 0 for b in cal["wand_p99_bounds"])
+    report = json.loads((DEMO_MODEL_DIR / "eval" / "report.json").read_text())
+    bpb = report["metrics"]["bpb"]
+    # the card's headline property holds for the shipped weights: the product beats every expert
+    assert bpb["full"] < min(bpb["stages"])
+    assert bpb["prefix"][-1] == pytest.approx(bpb["full"])
+    for plot in ("stage_bpb.png", "agreement.png"):
+        assert (DEMO_MODEL_DIR / "eval" / plot).stat().st_size > 0
+
+
+def test_demo_speculative_and_wand_reproduce_full_greedy(demo):
+    model, tok = demo
+    ids = [tok.encode(p) for p in PROMPTS]
+    for row in ids:
+        full = model.generate([row], max_new_tokens=12)
+        for d in range(model.config.n_stages - 1):
+            for k in (1, 3):
+                assert torch.equal(model.generate_speculative([row], draft_stage=d, k_draft=k, max_new_tokens=12),
+                                   full), (tok.decode(row), d, k)
+        inf = [float("inf")] * (model.config.n_stages - 1)
+        assert torch.equal(model.generate_wand([row], max_new_tokens=12, p99_bounds=inf), full)
+
