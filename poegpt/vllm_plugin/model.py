@@ -69,6 +69,22 @@ from ..errors import PoEError
 from ..logop import logop
 from ..model import apply_rotary, attention_mask, norm, rotary_tables
 
+try:        # poegpt's own attention over a whole cache (windowed blocks), when this poegpt has it
+    from ..model import windowed_attention as _windowed_attention
+except ImportError:
+    _windowed_attention = None
+
+
+def poegpt_attention(q, k, v, pos: int, window: int, gqa: bool) -> torch.Tensor:
+    """What `poegpt.model.CausalSelfAttention` computes for T queries at positions pos..pos+T-1 over
+    the keys 0..pos+T-1 of one sequence: q (1, H, T, D), k/v (1, G, pos+T, D) -> (1, H, T, D). The
+    same function with the same arguments, so that the result is poegpt's to the last bit."""
+    if _windowed_attention is not None:
+        return _windowed_attention(q, k, v, pos, window, gqa)
+    T = q.size(2)
+    mask = attention_mask(pos, T, k.size(2), window, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=gqa)
+
 WEIGHT_PREFIX = "model."
 
 
@@ -256,9 +272,7 @@ class CausalSelfAttention(nn.Module):
             kr = kv[:, : G * D].view(L, G, D).transpose(0, 1)[None]                        # (1, G, L, D)
             vr = kv[:, G * D: 2 * G * D].view(L, G, D).transpose(0, 1)[None]
             qr = q[a:b].transpose(0, 1)[None]                                              # (1, H, T, D)
-            mask = attention_mask(L - T, T, L, self.window, q.device)
-            out = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask, is_causal=mask is None and T > 1,
-                                                 enable_gqa=self.n_head != G)
+            out = poegpt_attention(qr, kr, vr, L - T, self.window, self.n_head != G)
             y[a:b] = out[0].transpose(0, 1)
         return y.view(N, -1)
 
