@@ -282,6 +282,17 @@ def model_card(name: str, cfg, counts: dict, meta: dict, report: dict | None, ca
         "lengths, and return the prompt followed by the new tokens. Speculative greedy output equals "
         "full-PoE greedy output; with `do_sample=True` it follows the full-PoE distribution exactly.", "",
     ]
+    lines += [
+        "### vLLM", "",
+        "With poegpt's vLLM plugin (`pip install 'poegpt[vllm]'`; vLLM's CPU build in an environment of its "
+        "own, see poegpt's docs/vllm.md), vLLM serves the exact full-PoE distribution:", "",
+        "```bash", f'vllm serve "{name}"',
+        'curl -X POST "http://localhost:8000/v1/completions" -H "Content-Type: application/json" \\',
+        f'  --data \'{{"model": "{name}", "prompt": "Once upon a time,", "max_tokens": '
+        f'{min(512, cfg.sequence_len // 2)}, "temperature": 0.5}}\'', "```", "",
+        f"`--hf-overrides '{{\"poe_max_stages\": {max(1, K // 2)}}}'` serves the prefix PoE instead (and skips the "
+        "layers it does not need). WAND, self-speculative decoding and per-request modes need `poegpt serve`.", "",
+    ]
     lines += ["### WAND calibration", ""]
     bounds = calibration.get("wand_p99_bounds")
     if bounds:

@@ -144,11 +144,12 @@ def server(folder, tmp_path_factory):
     """`vllm serve FOLDER --hf-overrides '{"poe_max_stages": 2}'` (prefix PoE of 2 stages) on loopback."""
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    cmd = [str(VENV / "bin" / "vllm"), "serve", str(folder), "--host", "127.0.0.1", "--port", str(port),
+    # as the model card says: `vllm serve "poegpt-demo"` next to the folder, so the served name is the card's
+    cmd = [str(VENV / "bin" / "vllm"), "serve", folder.name, "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "bfloat16", "--enforce-eager", "--hf-overrides", json.dumps({"poe_max_stages": 2})]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, env=ENV, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, cwd=folder.parent)
     try:
         import httpx
         deadline = time.time() + 600
@@ -175,11 +176,13 @@ def server(folder, tmp_path_factory):
 
 def test_serve_curl_example_and_prefix_variant(server, folder, native):
     model, tok = native["bf16"]
-    # the model card's curl example (max_tokens within the demo's 512-token context)
-    body = {"model": str(folder), "prompt": "Once upon a time,", "max_tokens": 32, "temperature": 0.5}
+    # the exported model card's curl example, as written there (but for the port)
+    card = (folder / "README.md").read_text()
+    data = card.split("--data '", 1)[1].split("'", 1)[0]
+    assert json.loads(data)["model"] == folder.name
     out = subprocess.run(["curl", "-sS", "-X", "POST", f"{server}/v1/completions", "-H",
-                          "Content-Type: application/json", "--data", json.dumps(body)],
-                         capture_output=True, text=True, timeout=120)
+                          "Content-Type: application/json", "--data", data],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     reply = json.loads(out.stdout)
     assert reply["object"] == "text_completion" and reply["usage"]["completion_tokens"] >= 1, reply
@@ -188,7 +191,7 @@ def test_serve_curl_example_and_prefix_variant(server, folder, native):
     worst = 0.0
     for prompt in PROMPTS[:3]:
         r = httpx.post(f"{server}/v1/completions", timeout=120, json={
-            "model": str(folder), "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+            "model": folder.name, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
             "logprobs": 5, "ignore_eos": True, "return_tokens_as_token_ids": True})
         assert r.status_code == 200, r.text
         choice = r.json()["choices"][0]

@@ -1,0 +1,186 @@
+"""Throughput of `vllm serve` (CPU, poegpt's plugin) against `poegpt serve` on the same model, at
+concurrency 1 and 16, over loopback.
+
+Both servers get the same workload, one server at a time (the other is stopped, so they never share
+the cores): streaming /v1/completions, greedy, a fixed number of new tokens, prompts cycled from
+bench/serve.py's multilingual list, clients sending requests back to back. Both compute the same
+full-PoE greedy tokens (tests/test_vllm.py), so they do the same work. Per server and level:
+tokens/s over all clients, requests/s, latency p50/p90, time to first token p50; then the ratio
+vLLM / poegpt per level. Prints a table, then one JSON line.
+
+    python bench/vllm_serve.py                                   # the shipped demo model, bf16
+    python bench/vllm_serve.py --model runs/demo/run --dtype fp32 --max-tokens 64 --vllm-overrides '{"poe_attention": "vllm"}'
+
+Needs the vLLM environment (`make vllm-venv`, or --vllm-venv PATH). The threads each server uses
+are its own defaults: vLLM's CPU worker binds one OpenMP thread per core it keeps for compute and
+leaves one core to its API server and engine loop; poegpt serve runs one process with torch's
+default threads. The table prints both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from serve import PROMPTS, one_request, percentile  # noqa: E402  (bench/serve.py)
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": "1",
+       "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], port: int, log: Path, timeout: float = 600) -> subprocess.Popen:
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=ENV, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=ROOT)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"{cmd[0]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            stop(proc)
+            raise SystemExit(f"{' '.join(cmd[:2])} did not start in {timeout:.0f} s; see {log}")
+        time.sleep(0.5)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)      # the session this script started
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def run_level(url: str, model: str, concurrency: int, n_requests: int, max_tokens: int) -> dict:
+    results, errors = [], []
+    lock = threading.Lock()
+    counter = iter(range(n_requests))
+
+    def worker():
+        with httpx.Client(base_url=url, timeout=600) as c:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                body = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
+                        "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+                try:
+                    r = one_request(c, body)
+                except Exception as e:   # counted, not fatal
+                    with lock:
+                        errors.append(str(e))
+                    continue
+                with lock:
+                    results.append(r)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat = [r["latency"] for r in results]
+    tokens = sum(r["tokens"] for r in results)
+    return {"concurrency": concurrency, "requests": len(results), "errors": len(errors),
+            "first_error": errors[0] if errors else None, "tokens": tokens, "seconds": wall,
+            "tok_s": tokens / wall, "req_s": len(results) / wall, "latency_p50": percentile(lat, 50),
+            "latency_p90": percentile(lat, 90), "ttft_p50": percentile([r["ttft"] for r in results], 50)}
+
+
+def bench_server(name: str, cmd: list[str], port: int, model_name: str, a, log: Path) -> list[dict]:
+    print(f"starting {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    t0 = time.monotonic()
+    proc = start(cmd, port, log)
+    startup = time.monotonic() - t0
+    try:
+        url = f"http://127.0.0.1:{port}"
+        run_level(url, model_name, 1, 2, a.max_tokens)                 # warm-up
+        levels = [run_level(url, model_name, k, a.requests or max(8, 2 * k), a.max_tokens) for k in a.concurrency]
+    finally:
+        stop(proc)
+    for lv in levels:
+        lv["startup_s"] = startup
+    return levels
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help="poegpt checkpoint (default: the shipped demo model)")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--requests", type=int, default=None, help="requests per level (default: max(8, 2 x concurrency))")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--vllm-venv", default=str(ROOT / ".venv-vllm"))
+    ap.add_argument("--vllm-overrides", default="{}", help="--hf-overrides for vllm serve, e.g. '{\"poe_attention\": \"vllm\"}'")
+    a = ap.parse_args()
+
+    from poegpt.checkpoint import resolve_checkpoint
+    from poegpt.hf import export_hf
+    ckpt = resolve_checkpoint(a.model)
+    work = Path(tempfile.mkdtemp(prefix="poegpt-vllm-bench-"))
+    folder = export_hf(ckpt, work / "model")
+    vllm_bin = Path(a.vllm_venv) / "bin" / "vllm"
+    if not vllm_bin.exists():
+        raise SystemExit(f"no vLLM environment at {a.vllm_venv}: run `make vllm-venv`")
+
+    port = free_port()
+    poegpt_levels = bench_server(
+        "poegpt serve", [sys.executable, "-m", "poegpt.cli", "serve", "--model", str(ckpt), "--port", str(port),
+                         "--dtype", a.dtype, "--max-batch", str(max(a.concurrency)), "--max-queue", "256",
+                         "--served-name", "poegpt", "--log-level", "warning"],
+        port, "poegpt", a, work / "poegpt.log")
+    port = free_port()
+    vllm_levels = bench_server(
+        "vllm serve", [str(vllm_bin), "serve", str(folder), "--host", "127.0.0.1", "--port", str(port),
+                       "--dtype", {"bf16": "bfloat16", "fp32": "float32"}[a.dtype], "--enforce-eager",
+                       "--served-model-name", "poegpt", "--hf-overrides", a.vllm_overrides,
+                       "--max-num-seqs", str(max(a.concurrency))],
+        port, "poegpt", a, work / "vllm.log")
+
+    print(f"model: {ckpt} ({a.dtype}), {a.max_tokens} new tokens per request, greedy, loopback; "
+          f"vllm overrides {a.vllm_overrides}; {os.cpu_count()} CPU cores")
+    print(f"{'server':>13}{'conc':>5}{'reqs':>6}{'err':>5}{'tokens':>8}{'sec':>8}{'tok/s':>9}{'req/s':>7}"
+          f"{'lat p50':>9}{'p90':>7}{'ttft p50':>10}{'start s':>9}")
+    for name, levels in (("poegpt serve", poegpt_levels), ("vllm serve", vllm_levels)):
+        for r in levels:
+            print(f"{name:>13}{r['concurrency']:>5}{r['requests']:>6}{r['errors']:>5}{r['tokens']:>8}"
+                  f"{r['seconds']:>8.2f}{r['tok_s']:>9.1f}{r['req_s']:>7.2f}{r['latency_p50']:>9.3f}"
+                  f"{r['latency_p90']:>7.3f}{r['ttft_p50']:>10.3f}{r['startup_s']:>9.1f}")
+            if r["first_error"]:
+                print(f"  first error: {r['first_error']}")
+    ratios = {str(p["concurrency"]): v["tok_s"] / p["tok_s"] if p["tok_s"] else None
+              for p, v in zip(poegpt_levels, vllm_levels)}
+    print("throughput ratio vllm / poegpt: " + ", ".join(f"concurrency {k}: {r:.2f}x" for k, r in ratios.items()))
+    print(json.dumps({"bench": "vllm_serve", "model": str(ckpt), "dtype": a.dtype, "max_tokens": a.max_tokens,
+                      "vllm_overrides": json.loads(a.vllm_overrides), "poegpt": poegpt_levels, "vllm": vllm_levels,
+                      "ratio_vllm_over_poegpt": ratios}))
+
+
+if __name__ == "__main__":
+    main()
