@@ -1,36 +1,48 @@
-"""Decode speed of every PoE mode, side by side in one run, against full-PoE greedy.
+"""Decode speed of every PoE mode, side by side in one run, against transformers `generate`.
 
-For each mode: tokens/s (greedy, batch 1, wall clock over all prompts), speedup over full greedy,
-layer evaluations per generated token (counted with hooks in a separate, untimed run; speculative
-and WAND include their drafting / lazy-fill work), agreement of the tokens with full greedy, and
-for speculative decoding the acceptance rate and τ (tokens emitted per verification pass, bonus
-included). Prints a table, then one JSON line.
+For each mode, greedy, at batch 1 (each prompt alone, one after another) and batch 8 (all prompts in
+one call): tokens/s (wall clock over all prompts, prefill included), the ratio to transformers
+`generate` on the exported Hugging Face folder of the same weights (same prompts, same number of
+new tokens, same dtype, EOS disabled on both sides), speedup over full-PoE greedy, layer evaluations
+per generated token (counted with hooks in a separate, untimed run; speculative and WAND include their
+drafting / lazy-fill work), agreement of the tokens with full greedy, and for speculative decoding
+the acceptance rate and τ (tokens per verification pass). The static modes (full, prefix, stage,
+composition) are timed eager and with the compiled one-token step (`poegpt.engine.compile_decode`;
+compile time excluded, reported separately). `stage K-1` alone is the dense baseline: the same trunk
+with one head. Prints tables, then one JSON line.
 
-    python bench/decode.py --model runs/demo/run            # a trained checkpoint (calibrated for WAND)
-    python bench/decode.py --depth 12 --vocab-size 8192      # random weights: speed only
+    python bench/decode.py                                   # the shipped demo model, bf16
+    python bench/decode.py --model runs/demo/run --dtype fp32 --no-compile
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from poegpt.engine import Generation, Sampling
-from poegpt.modes import ModeSpec, mode_steps
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import describe, measure  # noqa: E402
+
+from poegpt.engine import Generation, Sampling, compile_decode  # noqa: E402
+from poegpt.modes import ModeSpec, mode_steps  # noqa: E402
 
 PROMPTS = ["The capital of France is", "대한민국의 수도는", "def fibonacci(n):", "In the beginning",
-           "La capital de España es", "東京は日本の"]
+           "La capital de España es", "東京は日本の", "Once upon a time, there was", "The speed of light"]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def run(model, rows, spec, n):
-    """Each prompt alone (batch 1); returns the merged Generation and the total wall time."""
+def run(model, rows, spec, n, batch):
+    """Generate for every row, `batch` rows per call; returns the merged Generation and the wall time."""
     merged = Generation([], stages_used=[])
     t0 = time.perf_counter()
-    for row in rows:
-        steps, gen = mode_steps(model, [row], spec, n, Sampling())
+    for i in range(0, len(rows), batch):
+        steps, gen = mode_steps(model, rows[i:i + batch], spec, n, Sampling())
         for _ in steps:
             pass
         merged.tokens += gen.tokens
@@ -39,8 +51,16 @@ def run(model, rows, spec, n):
         merged.drafted += gen.drafted
         merged.passes += gen.passes
         for key, value in gen.extra.items():
-            merged.extra[key] = merged.extra.get(key, 0) + value / len(rows)
+            merged.extra[key] = merged.extra.get(key, 0) + value * len(gen.tokens) / len(rows)
     return merged, time.perf_counter() - t0
+
+
+def best_of(fn, repeats):
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        out, dt = fn()
+        best = min(best, dt)
+    return out, best
 
 
 def layer_evals(model, rows, spec, n) -> int:
@@ -48,7 +68,7 @@ def layer_evals(model, rows, spec, n) -> int:
     hooks = [b.register_forward_hook(lambda m, i, o: count.__setitem__(0, count[0] + i[0].shape[0] * i[0].shape[1]))
              for b in model.blocks]
     try:
-        run(model, rows, spec, n)
+        run(model, rows, spec, n, 1)
     finally:
         for h in hooks:
             h.remove()
@@ -65,75 +85,138 @@ def prefill_evals(model, rows, spec) -> int:
     return sum(len(r) for r in rows) * (b[spec.stage_mix(model).depth - 1] + 1)
 
 
+def hf_generate(hf, rows, n, batch):
+    """transformers greedy generate, `batch` rows per call (left-padded); new tokens per row and wall time."""
+    tokens = []
+    t0 = time.perf_counter()
+    for i in range(0, len(rows), batch):
+        chunk = rows[i:i + batch]
+        T = max(len(r) for r in chunk)
+        ids = torch.tensor([[0] * (T - len(r)) + r for r in chunk])
+        mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in chunk])
+        with torch.no_grad():
+            out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False)
+        tokens += out[:, T:].tolist()
+    return tokens, time.perf_counter() - t0
+
+
+def load_hf(checkpoint, dtype):
+    from transformers import AutoModelForCausalLM
+
+    from poegpt.checkpoint import resolve_checkpoint
+    from poegpt.hf import export_hf
+    folder = Path(tempfile.mkdtemp(prefix="poegpt-hf-")) / "model"
+    export_hf(resolve_checkpoint(checkpoint), folder)
+    hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype).eval()
+    hf.generation_config.eos_token_id = None          # same length as poegpt's generate without EOS
+    hf.generation_config.pad_token_id = 0
+    return hf
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", help="checkpoint or run directory (default: the shipped demo model)")
-    ap.add_argument("--depth", type=int, help="random weights at this depth instead of a checkpoint")
-    ap.add_argument("--vocab-size", type=int, default=8192)
+    ap.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     ap.add_argument("--tokens", type=int, default=48)
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs per mode (best is kept)")
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per figure (the best is kept)")
+    ap.add_argument("--batches", type=int, nargs="*", default=[1, 8])
     ap.add_argument("--safety", type=float, default=1.0)
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled static-mode step")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers generate")
     a = ap.parse_args()
+    from poegpt.checkpoint import load_model
     torch.manual_seed(0)
-    if a.depth:
-        from poegpt import PoEConfig, PoEGPT
-        model = PoEGPT(PoEConfig.from_depth(a.depth, vocab_size=a.vocab_size, sequence_len=512)).eval()
-        with torch.no_grad():   # random but not degenerate: init zeroes the output projections and stage heads
-            for p in model.parameters():
-                p.add_(0.02 * torch.randn_like(p))
-        rows = [torch.randint(0, a.vocab_size, (8,)).tolist() for _ in range(4)]
-        name = f"random depth {a.depth}"
-    else:
-        from poegpt.checkpoint import load_model
-        model, tok = load_model(a.model)
-        rows = [tok.encode(p) for p in PROMPTS]
-        name = str(a.model or "demo")
+    dtype = DTYPES[a.dtype]
+    machine = measure(flops=False, bw=False)
+    model, tok = load_model(a.model, dtype=dtype)
+    rows = [tok.encode(p) for p in PROMPTS]
+    name = str(a.model or "demo")
     cfg = model.config
     K = cfg.n_stages
     has_bounds = "wand_p99_bounds" in getattr(model, "checkpoint_meta", {}).get("calibration", {})
     specs = [("full", ModeSpec("full"))]
     specs += [(f"prefix {m}", ModeSpec("prefix", max_stages=m)) for m in range(1, K)]
-    specs += [(f"stage {k}", ModeSpec("stage", stage=k)) for k in (0, K - 1)]
+    specs += [(f"stage {k}" + (" (dense)" if k == K - 1 else ""), ModeSpec("stage", stage=k)) for k in (0, K - 1)]
     specs += [(f"composition {tuple(range(0, K, 2))}", ModeSpec("composition", stages=tuple(range(0, K, 2))))]
     for d in range(K - 1):
-        for k in (2, 3, 5, "auto"):
+        for k in (3, "auto"):
             specs.append((f"speculative d{d} k{k}", ModeSpec("speculative", draft_stage=d, k_draft=k)))
     if has_bounds:
         specs.append((f"wand safety {a.safety}", ModeSpec("wand", safety=a.safety)))
     specs.append(("wand (inf bounds)", ModeSpec("wand", p99_bounds=(float("inf"),) * (K - 1))))
 
-    results = []
-    reference = None
+    hf_rows = {}
+    if not a.no_hf:
+        hf = load_hf(a.model, dtype)
+        for B in a.batches:
+            hf_generate(hf, rows[:B], 4, B)                              # warm-up
+            toks, dt = best_of(lambda: hf_generate(hf, rows, a.tokens, B), a.repeats)
+            hf_rows[B] = {"tok_s": len(rows) * a.tokens / dt, "tokens": toks}
+
+    results, reference = [], None
     for label, spec in specs:
-        best = None
-        for _ in range(a.repeats):
-            gen, dt = run(model, [r for r in rows], spec, a.tokens)
-            best = dt if best is None else min(best, dt)
-        n = sum(len(t) for t in gen.tokens)
-        if label == "full":
-            reference = gen.tokens
-        same = sum(x == y for g, r in zip(gen.tokens, reference) for x, y in zip(g, r))
-        row = {"mode": label, "tok_s": n / best, "seconds": best, "tokens": n,
-               "layers_per_token": layer_evals(model, rows, spec, a.tokens) / n,
-               "agreement_with_full": same / sum(len(r) for r in reference),
-               "identical_to_full": gen.tokens == reference}
-        if spec.mode == "speculative":
-            row["acceptance"] = gen.acceptance
-            row["tau"] = n / max(gen.passes, 1)
-        if spec.mode == "wand":
-            row.update(gen.extra)
+        row = {"mode": label}
+        static = spec.mode in ("full", "prefix", "stage", "composition")
+        for B in a.batches:
+            compile_decode(model, False)
+            run(model, rows[:B], spec, 4, B)                                 # warm-up
+            gen, dt = best_of(lambda: run(model, rows, spec, a.tokens, B), a.repeats)
+            n = sum(len(t) for t in gen.tokens)
+            row[f"b{B}_eager_tok_s"] = n / dt
+            if B == 1:
+                if label == "full":
+                    reference = gen.tokens
+                same = sum(x == y for g, r in zip(gen.tokens, reference) for x, y in zip(g, r))
+                row.update(tokens=n, agreement_with_full=same / sum(len(r) for r in reference),
+                           identical_to_full=gen.tokens == reference)
+                if spec.mode == "speculative":
+                    row.update(acceptance=gen.acceptance, tau=n / max(gen.passes, 1))
+                if spec.mode == "wand":
+                    row.update(gen.extra)
+            if static and not a.no_compile:
+                compile_decode(model, True)
+                t0 = time.perf_counter()
+                run(model, rows[:B], spec, a.tokens, B)                      # compiles the step for this shape
+                row[f"b{B}_compile_s"] = time.perf_counter() - t0
+                cgen, cdt = best_of(lambda: run(model, rows, spec, a.tokens, B), a.repeats)
+                row[f"b{B}_compiled_tok_s"] = n / cdt
+                row[f"b{B}_compiled_identical"] = cgen.tokens == gen.tokens
+                compile_decode(model, False)
+            row[f"b{B}_tok_s"] = max(row[f"b{B}_eager_tok_s"], row.get(f"b{B}_compiled_tok_s", 0.0))
+            row[f"b{B}_path"] = "compiled" if row[f"b{B}_tok_s"] > row[f"b{B}_eager_tok_s"] else "eager"
+            if B in hf_rows:
+                row[f"b{B}_vs_hf"] = row[f"b{B}_tok_s"] / hf_rows[B]["tok_s"]
+        row["layers_per_token"] = layer_evals(model, rows, spec, a.tokens) / row["tokens"]
         results.append(row)
-    base = results[0]["tok_s"]
-    print(f"model: {name} ({cfg.n_layer} layers as {list(cfg.stage_layout)}, d={cfg.n_embd}, V={cfg.vocab_size}); "
-          f"{len(rows)} prompts x {a.tokens} tokens, greedy, batch 1, {torch.get_num_threads()} threads")
-    print(f"{'mode':<26}{'tok/s':>8}{'speedup':>9}{'layers/tok':>11}{'accept':>8}{'tau':>6}{'agree':>7}{'same':>6}")
+    for B, h in hf_rows.items():
+        h["identical_to_full"] = h.pop("tokens") == reference
+    base = results[0]
     for r in results:
-        r["speedup_vs_full"] = r["tok_s"] / base
-        print(f"{r['mode']:<26}{r['tok_s']:>8.1f}{r['speedup_vs_full']:>9.2f}{r['layers_per_token']:>11.2f}"
-              f"{r.get('acceptance', float('nan')):>8.2f}{r.get('tau', float('nan')):>6.2f}"
-              f"{r['agreement_with_full']:>7.3f}{'yes' if r['identical_to_full'] else 'no':>6}")
-    print(json.dumps({"bench": "decode", "model": name, "n_layer": cfg.n_layer, "stage_layout": list(cfg.stage_layout),
-                      "tokens": a.tokens, "prompts": len(rows), "results": results}))
+        for B in a.batches:
+            r[f"b{B}_speedup_vs_full"] = r[f"b{B}_tok_s"] / base[f"b{B}_tok_s"]
+
+    print(f"model: {name} ({cfg.n_layer} layers as {list(cfg.stage_layout)}, d={cfg.n_embd}, V={cfg.vocab_size}), "
+          f"{a.dtype}; {len(rows)} prompts x {a.tokens} new tokens, greedy; {describe(machine)}")
+    for B, h in hf_rows.items():
+        print(f"transformers generate, batch {B}: {h['tok_s']:.1f} tok/s, tokens identical to poegpt full: "
+              f"{'yes' if h['identical_to_full'] else 'no'}")
+    head = f"{'mode':<24}" + "".join(f"{'b%d eager' % B:>10}{'compiled':>9}{'best':>8}{'vs HF':>7}{'vs full':>8}"
+                                     for B in a.batches)
+    print(head + f"{'layers/tok':>11}{'accept':>7}{'tau':>6}{'agree':>7}")
+    for r in results:
+        line = f"{r['mode']:<24}"
+        for B in a.batches:
+            c = r.get(f"b{B}_compiled_tok_s")
+            line += (f"{r[f'b{B}_eager_tok_s']:>10.1f}{'-' if c is None else f'{c:.1f}':>9}{r[f'b{B}_tok_s']:>8.1f}"
+                     f"{r.get(f'b{B}_vs_hf', float('nan')):>7.2f}{r[f'b{B}_speedup_vs_full']:>8.2f}")
+        line += (f"{r['layers_per_token']:>11.2f}{r.get('acceptance', float('nan')):>7.2f}"
+                 f"{r.get('tau', float('nan')):>6.2f}{r['agreement_with_full']:>7.3f}")
+        print(line)
+    print(json.dumps({"bench": "decode", "model": name, "dtype": a.dtype, "n_layer": cfg.n_layer,
+                      "stage_layout": list(cfg.stage_layout), "tokens": a.tokens, "prompts": len(rows),
+                      "machine": {**machine, "load_1m_end": measure(flops=False, bw=False)["load_1m"]},
+                      "hf": hf_rows, "results": results}))
 
 
 if __name__ == "__main__":

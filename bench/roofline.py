@@ -18,27 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from poegpt import PoEConfig, PoEGPT
-from poegpt.engine import Sampling
-from poegpt.modes import ModeSpec, mode_steps
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import bandwidth, describe, load  # noqa: E402
 
-
-def bandwidth(gb: float = 1.0, repeats: int = 5) -> dict:
-    n = int(gb * 1e9) // 4
-    a, b = torch.randn(n), torch.empty(n)
-    copy = read = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        b.copy_(a)
-        copy = min(copy, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        a.sum()
-        read = min(read, time.perf_counter() - t0)
-    return {"copy_gb_s": 2 * 4 * n / copy / 1e9, "read_gb_s": 4 * n / read / 1e9}
+from poegpt import PoEConfig, PoEGPT  # noqa: E402
+from poegpt.engine import Sampling  # noqa: E402
+from poegpt.modes import ModeSpec, mode_steps  # noqa: E402
 
 
 def build(dtype: torch.dtype) -> PoEGPT:
@@ -69,10 +60,15 @@ def main():
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--tokens", type=int, default=16, help="decode steps timed per mode")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="decode with the compiled one-token step")
     a = ap.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
+    machine = load()
     bw = bandwidth()
     model = build(dtype)
+    if a.compile:
+        from poegpt.engine import compile_decode
+        compile_decode(model)
     K, b = model.config.n_stages, model.config.boundaries
     prompt = list(range(1, 17))
     modes = [("full", ModeSpec("full"), K)] + [(f"prefix {m}", ModeSpec("prefix", max_stages=m), m)
@@ -90,15 +86,16 @@ def main():
         r["speed_vs_full"] = r["tok_s"] / full["tok_s"]
         r["layer_ratio"] = full["layers"] / r["layers"]
         r["weight_byte_ratio"] = full["weight_gb_per_token"] / r["weight_gb_per_token"]
-    print(f"memory bandwidth: copy {bw['copy_gb_s']:.1f} GB/s (read+write), read {bw['read_gb_s']:.1f} GB/s; "
-          f"threads {torch.get_num_threads()}; 1.5b preset, {a.dtype} weights, batch 1, greedy")
+    print(f"{describe({**machine, **bw})}; 1.5b preset, {a.dtype} weights, batch 1, greedy, decode steps only, "
+          f"{'compiled' if a.compile else 'eager'} step")
     print(f"{'mode':<10}{'layers':>7}{'tok/s':>8}{'GB/token':>10}{'GB/s':>7}{'of BW':>7}{'vs full':>9}"
           f"{'layer ratio':>13}{'byte ratio':>12}")
     for r in rows:
         print(f"{r['mode']:<10}{r['layers']:>7}{r['tok_s']:>8.2f}{r['weight_gb_per_token']:>10.3f}"
               f"{r['achieved_gb_s']:>7.1f}{100 * r['fraction_of_read_bw']:>6.0f}%{r['speed_vs_full']:>8.2f}x"
               f"{r['layer_ratio']:>12.2f}x{r['weight_byte_ratio']:>11.2f}x")
-    print(json.dumps({"bench": "roofline", "dtype": a.dtype, "bandwidth": bw, "modes": rows}))
+    machine["load_1m_end"] = load()["load_1m"]
+    print(json.dumps({"bench": "roofline", "dtype": a.dtype, "compiled": a.compile, "machine": machine, "bandwidth": bw, "modes": rows}))
 
 
 if __name__ == "__main__":

@@ -86,9 +86,11 @@ class StageMix:
         weights = None if stage_weights is None else tuple(normalise_weights(stage_weights, len(stages)))
         return cls(tuple(stages), weights)
 
-    def logprobs(self, model, hs: list[torch.Tensor]) -> torch.Tensor:
-        """Log-OP log-probs (..., V) of the selected stages from the trunk's boundary states."""
-        logps = [F.log_softmax(model.stage_logits(hs[k], k), -1) for k in self.stages]
+    def logprobs(self, model, hs: list[torch.Tensor], heads: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Log-OP log-probs (..., V) of the selected stages from the trunk's boundary states
+        (`heads`: the selected stages' summed head weights, when the caller holds them)."""
+        heads = [None] * len(self.stages) if heads is None else heads
+        logps = [F.log_softmax(model.stage_logits(hs[k], k, w), -1) for k, w in zip(self.stages, heads)]
         return logop(logps, self.weights, self.alpha if self.weights is None else 0.0)
 
 
@@ -159,11 +161,68 @@ def new_cache(model, batch: int, max_len: int) -> KVCache:
     return KVCache(model.config, batch, max_len, dtype=dtype, device=p.device)
 
 
+class DecodeStep:
+    """The one-token step of a static mode at fixed shapes, for `torch.compile` (gpt-fast style).
+
+    It owns a preallocated cache of `max_len` slots in full-view mode: each row writes its token at
+    its own position (a device tensor, advanced on the device) and attends over every slot under a
+    position mask, so the shapes never change and nothing is read back to the host. The summed
+    stage-head weights are taken once. The compiled graph is reused by every generation with the
+    same (mode, batch, cache size, dtype): `decode_step` keeps the steps of a model in a small LRU.
+    Prefill runs eagerly into the same cache."""
+
+    def __init__(self, model, mix: StageMix, batch: int, max_len: int, backend: str | None = "inductor"):
+        self.model, self.mix = model, mix
+        self.cache = new_cache(model, batch, max_len)
+        self.cache.full_view = True
+        self.heads = [model.head_weight(k) for k in mix.stages]
+        self.fn = self._logprobs if backend is None else torch.compile(self._logprobs, backend=backend, dynamic=False)
+
+    def _logprobs(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        hs = self.model.trunk(tok[:, None], self.mix.depth, self.cache, pos=pos[:, None])
+        return self.mix.logprobs(self.model, [h[:, -1] for h in hs], self.heads)
+
+    def __call__(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Log-probs (B, V) after feeding token tok[b] at position pos[b] of each row."""
+        return self.fn(tok, pos)
+
+
+STEP_SLOTS = 64     # cache sizes are rounded up to a multiple of this, so generations share compiled steps
+MAX_STEPS = 8       # compiled steps kept per model
+
+
+def decode_step(model, mix: StageMix, batch: int, need: int) -> DecodeStep:
+    """The model's compiled step for (mix, batch, a cache of >= need slots), built on first use.
+    Built again when the weights change (the summed heads are taken at build time)."""
+    max_len = min(model.config.sequence_len, -(-need // STEP_SLOTS) * STEP_SLOTS)
+    p = model.lm_head.weight
+    key = (mix, batch, max_len, p.dtype, p.device, tuple(w._version for w in model.parameters()))
+    steps = model.__dict__.setdefault("_decode_steps", {})
+    step = steps.pop(key, None) or DecodeStep(model, mix, batch, max_len, model.compile_decode)
+    steps[key] = step                                        # most recently used last
+    while len(steps) > MAX_STEPS:
+        steps.pop(next(iter(steps)))
+    return step
+
+
+def compile_decode(model, enabled: bool = True, backend: str | None = "inductor") -> None:
+    """Decode the static modes (full, prefix, stage, composition) with the fixed-shape one-token step,
+    compiled by `torch.compile(backend=backend)` (None: the same step uncompiled, for tests).
+    Off by default: a step compiles in ~10-60 s on a 2-core CPU per (mode, batch, cache size), which
+    pays off for long-running use (a server, benchmarks, long generations), not for one short call.
+    See docs/benchmarks.md for compiled vs eager tokens/s per mode."""
+    model.__dict__.pop("_decode_steps", None)
+    model.compile_decode = backend if enabled else False
+    if enabled and backend is not None:    # every (mode, batch, cache size) is one more graph of the same step
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * MAX_STEPS)
+
+
 def prefill(model, cache: KVCache, rows: list[list[int]], n_stages: int) -> list[torch.Tensor]:
     """Run the prompts (right-padded) through the first n stages; boundary states at each row's last token."""
     device = model.rope_cos.device
     T = max(len(r) for r in rows)
     idx = torch.tensor([r + [0] * (T - len(r)) for r in rows], device=device)
+    cache.lengths = [0] * len(rows)               # from the start, also when the cache is reused
     hs = model.trunk(idx, n_stages, cache)
     cache.lengths = [len(r) for r in rows]        # padding positions are beyond each row's end: never seen
     last = torch.tensor([len(r) - 1 for r in rows], device=device)
@@ -195,19 +254,27 @@ def decode_static(model, rows: list[list[int]], mix: StageMix, max_new_tokens: i
         return
     device = model.rope_cos.device
     B = len(rows)
-    cache = new_cache(model, B, max(len(r) for r in rows) + max_new_tokens)
+    need = max(len(r) for r in rows) + max_new_tokens
+    fast = decode_step(model, mix, B, need) if getattr(model, "compile_decode", False) is not False else None
+    cache = fast.cache if fast is not None else new_cache(model, B, need)
+    heads = [model.head_weight(k) for k in mix.stages]       # summed once for the whole generation
     generator = sampling.generator(device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    hs = prefill(model, cache, rows, mix.depth)
+    logp = mix.logprobs(model, prefill(model, cache, rows, mix.depth), heads)
+    pos = torch.tensor(cache.lengths, device=device)          # each row's next position, kept on the device
     for step in range(max_new_tokens):
-        nxt = pick(mix.logprobs(model, hs), sampling, generator)
+        nxt = pick(logp, sampling, generator)
         if eos_token_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
             done = done | (nxt == eos_token_id)
         yield nxt
         if step + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
             return
-        hs = [h[:, -1] for h in model.trunk(nxt[:, None], mix.depth, cache)]
+        if fast is not None:
+            logp = fast(nxt, pos)
+            pos = pos + 1
+        else:
+            logp = mix.logprobs(model, [h[:, -1] for h in model.trunk(nxt[:, None], mix.depth, cache)], heads)
 
 
 def finish_rows(tokens: list[list[int]], eos_token_id: int | None) -> list[list[int]]:

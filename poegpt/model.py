@@ -58,6 +58,32 @@ def attention_mask(q_pos0: int, n_q: int, n_k: int, window: int, device) -> torc
     return window_mask(torch.arange(q_pos0, q_pos0 + n_q, device=device), n_k, window)
 
 
+def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, window: int,
+                       gqa: bool = False) -> torch.Tensor:
+    """Causal sliding-window attention of T queries at positions pos..pos+T-1 over keys 0..pos+T-1:
+    q (B, H, T, D), k/v (B, G, pos+T, D) -> (B, H, T, D).
+
+    Queries go in blocks of `window` (at least WINDOW_BLOCK); each block reads only the keys its
+    window can reach (keys before pos+s-window are skipped, not masked), so the cost is O(T·window)
+    rather than O(T²) and the mask is at most (block, block + window). A block that sees every key
+    from the start uses SDPA's is_causal (no mask at all); interior blocks share one cached mask.
+    A single query sees the last window+1 keys and needs no mask."""
+    T = q.size(2)
+    block = max(window, WINDOW_BLOCK)
+    ys = []
+    for s in range(0, T, block):
+        e = min(T, s + block)
+        lo = max(0, pos + s - window)                   # the first key any query of the block can see
+        mask = attention_mask(pos + s - lo, e - s, pos + e - lo, window, q.device)
+        ys.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, lo:pos + e], v[:, :, lo:pos + e],
+                                                 attn_mask=mask, is_causal=mask is None and e - s > 1,
+                                                 enable_gqa=gqa))
+    return ys[0] if len(ys) == 1 else torch.cat(ys, 2)
+
+
+WINDOW_BLOCK = 128
+
+
 def window_mask(q_pos: torch.Tensor, n_k: int, window: int) -> torch.Tensor:
     """(..., n_q, n_k) mask for queries at absolute positions q_pos (..., n_q) over keys 0 .. n_k-1."""
     q = q_pos[..., None]
@@ -72,6 +98,11 @@ class KVCache:
     """Preallocated keys/values per layer (gpt-fast style): k[i], v[i] of shape (B, G, max_len, D),
     plus every position's normed token embedding (B, max_len, d), which the smear gate of the next
     position reads. Rows may hold different numbers of tokens: `lengths[b]` is row b's."""
+
+    # full_view: writes at per-row position tensors skip the host-side room check (the caller checks)
+    # and attention sees all max_len slots, masked by position: fixed shapes, no host syncs (the
+    # engine's compiled decode step)
+    full_view = False
 
     def __init__(self, config: PoEConfig, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
         if max_len > config.sequence_len:
@@ -106,8 +137,11 @@ class KVCache:
             self.check_room(pos + T)
             buf.narrow(dim, pos, T).copy_(value)
             return pos + T
-        end = int(pos.max()) + 1
-        self.check_room(end)
+        if self.full_view:
+            end = self.max_len
+        else:
+            end = int(pos.max()) + 1
+            self.check_room(end)
         rows = torch.arange(buf.size(0), device=buf.device)[:, None]
         if dim == 2:   # (B, G, L, D) <- (B, G, T, D)
             buf[rows, :, pos] = value.transpose(1, 2)
@@ -148,12 +182,13 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|G, T, D)
         if cache is not None:
             k, v = cache.store(self.layer, k, v, pos)
-        if isinstance(pos, int):
-            mask = attention_mask(pos, T, k.size(2), self.window, x.device)
+        gqa = self.n_head != self.n_kv_head
+        if isinstance(pos, int) and k.size(2) == pos + T:
+            y = windowed_attention(q, k, v, pos, self.window, gqa)
         else:
-            mask = window_mask(pos, k.size(2), self.window).unsqueeze(1)  # (B, 1, T, n_k)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=self.n_head != self.n_kv_head)
+            mask = window_mask(pos, k.size(2), self.window)
+            mask = mask.unsqueeze(1) if mask.dim() == 3 else mask                 # (B, 1, T, n_k) per row
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -266,7 +301,10 @@ class PoEGPT(nn.Module):
 
     def rotary(self, pos: Positions, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for T tokens at pos: (1, T, 1, D/2), or (B, T, 1, D/2) for per-row positions."""
-        end = pos + T if isinstance(pos, int) else int(pos.max()) + 1
+        if isinstance(pos, int):
+            end = pos + T
+        else:   # a compiled step checks its positions before it runs (a host sync here would break the graph)
+            end = 0 if torch.compiler.is_compiling() else int(pos.max()) + 1
         if end > self.config.sequence_len:
             raise PoEError(f"sequence of {end} tokens exceeds the model's context of {self.config.sequence_len}")
         if isinstance(pos, int):
@@ -294,12 +332,16 @@ class PoEGPT(nn.Module):
         return norm(x)
 
     def trunk(self, idx: torch.Tensor, n_stages: int | None = None, cache: KVCache | None = None,
-              isolate: bool = False) -> list[torch.Tensor]:
+              isolate: bool = False, pos: Positions | None = None) -> list[torch.Tensor]:
         """Normed boundary states [norm(h_0), ..., norm(h_{m-1})] of the first m stages, running only
-        the layers they need. `isolate` detaches the stream (and x_mid) entering each later stage."""
+        the layers they need. `isolate` detaches the stream (and x_mid) entering each later stage.
+        With a cache, the tokens go at the cache's lengths, which advance; an explicit `pos` (the
+        engine's decode step) places them there and leaves the cache's lengths to the caller."""
         cfg = self.config
         m = cfg.n_stages if n_stages is None else n_stages
-        pos = cache.positions(idx.size(1), idx.device) if cache is not None else 0
+        advance = pos is None
+        if pos is None:
+            pos = cache.positions(idx.size(1), idx.device) if cache is not None else 0
         state = TrunkState(x := self.embed(idx, cache, pos), x)
         outs, start = [], 0
         for k in range(m):
@@ -310,7 +352,7 @@ class PoEGPT(nn.Module):
             state = self.run_layers(state, idx, start, stop, pos, cache)
             outs.append(self.boundary_output(state, stop - 1))
             start = stop
-        if cache is not None:
+        if cache is not None and advance:
             cache.lengths = [n + idx.size(1) for n in cache.lengths]
         return outs
 

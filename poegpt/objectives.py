@@ -8,28 +8,37 @@
 
 each divided by the number of stages it sums over, and averaged over target tokens (ignore index
 -1). K stage logits of shape (N, V) are never held at once: the head matmul, soft-cap, log-softmax
-and loss run per chunk of positions under activation checkpointing, so backward recomputes a
-chunk's logits instead of storing them and peak memory stays near that of one head.
+and loss run per chunk of positions, and with gradients enabled each chunk's gradients with respect
+to its stage states and the head weights are taken right there, in the forward pass (a fused
+linear-cross-entropy: `ChunkedLoss`; the head matmuls' gradients by hand, accumulated in place).
+Nothing of a chunk outlives it, and backward only scales the stored gradients, so the logits are
+computed once (no recomputation, unlike checkpointing) and peak memory is one chunk's graph plus
+gradient buffers the size of the stage states and head weights. A chunk holds at most `CHUNK_ELEMENTS`
+logits summed over the stages it evaluates (fewer positions at large V or many stages).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
-
 from .config import PoEConfig
 
 IGNORE_INDEX = -1
+CHUNK_ELEMENTS = 1 << 23   # logits per chunk across its stages: 32 MB per fp32 (chunk, V·n) tensor
+MIN_CHUNK = 128
 
 
-def _chunk_terms(targets, objective: str, local_weight: float, vocab_size: int, softcap: float,
-                 n: int, *hs_and_weights):
-    """Sum over the chunk of the objective's loss, plus each evaluated stage's own CE sum (detached)."""
-    hs, weights = hs_and_weights[:n], hs_and_weights[n:]
+def head_logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Raw (chunk, V_padded) logits of one stage: the head matmul, the only matmul of the loss."""
+    return F.linear(h, w.to(h.dtype))
+
+
+def _chunk_terms(targets, objective: str, local_weight: float, vocab_size: int, softcap: float, n: int, *zs):
+    """Sum over the chunk of the objective's loss, plus each evaluated stage's own CE sum (detached),
+    from the n stages' raw logits zs [(chunk, V_padded)]."""
     logps = []
-    for h, w in zip(hs, weights):
-        z = F.linear(h, w.to(h.dtype))[:, :vocab_size]
+    for z in zs:
+        z = z[:, :vocab_size]
         z = z.to(torch.promote_types(z.dtype, torch.float32))
         logps.append(F.log_softmax(softcap * torch.tanh(z / softcap), dim=-1))
 
@@ -68,6 +77,59 @@ def chunk_terms_fn(compiled: bool):
     return _compiled_chunk_terms
 
 
+def chunk_size(chunk: int, n: int, vocab_size: int) -> int:
+    """Positions per chunk: at most `chunk`, and at most CHUNK_ELEMENTS logits over the n stages."""
+    return max(1, min(chunk, max(MIN_CHUNK, CHUNK_ELEMENTS // (n * vocab_size))))
+
+
+class ChunkedLoss(torch.autograd.Function):
+    """Sum of the per-chunk terms over all positions, with gradients taken chunk by chunk in forward.
+
+    forward(fn, targets, spec, chunk, n, *hs, *weights) -> (1 + n,) [loss sum, stage CE sums].
+    Per chunk: the logits z_k = h_k W_k^T, autograd through the element-wise chain only (dz_k), then
+    dh_k = dz_k W_k and dW_k += dz_k^T h_k by hand, accumulated in place. Backward scales the stored
+    gradients by the incoming gradient of the loss sum, in place (backward runs once per forward,
+    as in training; the stage CEs are reported detached)."""
+
+    @staticmethod
+    def forward(ctx, fn, targets, spec, chunk, n, *hs_and_weights):
+        hs, weights = hs_and_weights[:n], hs_and_weights[n:]
+        need = ctx.needs_input_grad[5:]
+        g_h = [torch.zeros_like(h) if g else None for h, g in zip(hs, need[:n])]
+        g_w = [torch.zeros_like(w) if g else None for w, g in zip(weights, need[n:])]
+        total = None
+        for start in range(0, targets.numel(), chunk):
+            end = start + chunk
+            h_c = [h[start:end] for h in hs]
+            with torch.enable_grad():
+                zs = [head_logits(h, w).detach().requires_grad_() for h, w in zip(h_c, weights)]
+                part = fn(targets[start:end], *spec, n, *zs)
+                dzs = torch.autograd.grad(part[0], zs, allow_unused=True)
+            for k, dz in enumerate(dzs):
+                if dz is None:
+                    continue
+                h, w = h_c[k], weights[k]
+                if g_h[k] is not None:
+                    g_h[k][start:end] = (dz @ w.to(dz.dtype)).to(g_h[k].dtype)
+                if g_w[k] is not None:
+                    if dz.dtype == g_w[k].dtype == h.dtype:
+                        g_w[k].addmm_(dz.t(), h)
+                    else:
+                        g_w[k] += (dz.t() @ h.to(dz.dtype)).to(g_w[k].dtype)
+            part = part.detach()
+            total = part if total is None else total + part
+        ctx.present = [g is not None for g in (*g_h, *g_w)]
+        ctx.save_for_backward(*[g for g in (*g_h, *g_w) if g is not None])
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        scale = grad_total[0]
+        stored = iter(ctx.saved_tensors)
+        grads = [next(stored).mul_(scale.to(torch.float32)) if present else None for present in ctx.present]
+        return (None, None, None, None, None, *grads)
+
+
 def poe_loss(hs: list[torch.Tensor], weights: list[torch.Tensor], targets: torch.Tensor, config: PoEConfig,
              vocab_size: int, softcap: float, chunk: int = 4096, n_stages: int | None = None,
              compiled: bool = False):
@@ -76,14 +138,17 @@ def poe_loss(hs: list[torch.Tensor], weights: list[torch.Tensor], targets: torch
     Returns (loss, stage_ce): the mean loss (a scalar to backprop) and the mean CE of each stage
     alone, shape (n_stages,), detached, NaN for stages the objective does not evaluate."""
     n = len(hs)
-    total = None
-    for start in range(0, targets.numel(), chunk):
-        end = start + chunk
-        args = (targets[start:end], config.objective, config.local_weight, vocab_size, softcap, n,
-                *[h[start:end] for h in hs], *weights)
-        fn = chunk_terms_fn(compiled)
-        part = checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args)
-        total = part if total is None else total + part
+    fn = chunk_terms_fn(compiled)
+    spec = (config.objective, config.local_weight, vocab_size, softcap)
+    size = chunk_size(chunk, n, vocab_size)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*hs, *weights)):
+        total = ChunkedLoss.apply(fn, targets, spec, size, n, *hs, *weights)
+    else:
+        total = None
+        for start in range(0, targets.numel(), size):
+            end = start + size
+            part = fn(targets[start:end], *spec, n, *[head_logits(h[start:end], w) for h, w in zip(hs, weights)])
+            total = part if total is None else total + part
     count = (targets != IGNORE_INDEX).sum().clamp(min=1)
     loss = total[0] / count
     K = n if n_stages is None else n_stages
