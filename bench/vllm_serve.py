@@ -1,20 +1,24 @@
 """Throughput of `vllm serve` (CPU, poegpt's plugin) against `poegpt serve` on the same model, at
 concurrency 1 and 16, over loopback.
 
-Both servers get the same workload, one server at a time (the other is stopped, so they never share
-the cores): streaming /v1/completions, greedy, a fixed number of new tokens, prompts cycled from
-bench/serve.py's multilingual list, clients sending requests back to back. Both compute the same
-full-PoE greedy tokens (tests/test_vllm.py), so they do the same work. Per server and level:
-tokens/s over all clients, requests/s, latency p50/p90, time to first token p50; then the ratio
-vLLM / poegpt per level. Prints a table, then one JSON line.
+Both servers run side by side but are measured one at a time (an idle server of either kind uses no
+CPU), and the measurements interleave: for each of --rounds rounds, each level runs on poegpt serve,
+then on vllm serve, so that a change in the machine's load during the run hits both alike; the
+table reports each server's median over the rounds. The workload is the same for both: streaming
+/v1/completions, greedy, a fixed number of new tokens, prompts cycled from bench/serve.py's
+multilingual list, clients sending requests back to back. Both compute the same full-PoE greedy
+tokens (tests/test_vllm.py), so they do the same work. Per server and level: tokens/s over all
+clients, requests/s, latency p50/p90, time to first token p50; then the ratio vLLM / poegpt per
+level. Prints a table, then one JSON line.
 
     python bench/vllm_serve.py                                   # the shipped demo model, bf16
     python bench/vllm_serve.py --model runs/demo/run --dtype fp32 --max-tokens 64 --vllm-overrides '{"poe_attention": "vllm"}'
 
-Needs the vLLM environment (`make vllm-venv`, or --vllm-venv PATH). The threads each server uses
-are its own defaults: vLLM's CPU worker binds one OpenMP thread per core it keeps for compute and
-leaves one core to its API server and engine loop; poegpt serve runs one process with torch's
-default threads. The table prints both.
+Needs the vLLM environment (`make vllm-venv`, or --vllm-venv PATH). Threads: vLLM's CPU worker binds
+one OpenMP thread per core it keeps for compute and leaves one core to its API server and engine
+loop (1 of 2 cores here); poegpt serve gets the same number of compute threads by default
+(--poegpt-threads, via OMP_NUM_THREADS), since torch's default of one thread per core collapses when
+the cores are shared with other work.
 """
 
 from __future__ import annotations
@@ -113,20 +117,10 @@ def run_level(url: str, model: str, concurrency: int, n_requests: int, max_token
             "latency_p90": percentile(lat, 90), "ttft_p50": percentile([r["ttft"] for r in results], 50)}
 
 
-def bench_server(name: str, cmd: list[str], port: int, model_name: str, a, log: Path) -> list[dict]:
-    print(f"starting {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    t0 = time.monotonic()
-    proc = start(cmd, port, log)
-    startup = time.monotonic() - t0
-    try:
-        url = f"http://127.0.0.1:{port}"
-        run_level(url, model_name, 1, 2, a.max_tokens)                 # warm-up
-        levels = [run_level(url, model_name, k, a.requests or max(8, 2 * k), a.max_tokens) for k in a.concurrency]
-    finally:
-        stop(proc)
-    for lv in levels:
-        lv["startup_s"] = startup
-    return levels
+def median_level(runs: list[dict]) -> dict:
+    """The run with the median tokens/s among the rounds of one level, with every round's tokens/s."""
+    ranked = sorted(runs, key=lambda r: r["tok_s"])
+    return {**ranked[len(ranked) // 2], "tok_s_rounds": [r["tok_s"] for r in runs]}
 
 
 def main():
@@ -136,6 +130,9 @@ def main():
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--requests", type=int, default=None, help="requests per level (default: max(8, 2 x concurrency))")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--poegpt-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                    help="OMP_NUM_THREADS of poegpt serve (default: the compute threads vLLM's CPU worker uses)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     ap.add_argument("--vllm-venv", default=str(ROOT / ".venv-vllm"))
     ap.add_argument("--vllm-overrides", default="{}", help="--hf-overrides for vllm serve, e.g. '{\"poe_attention\": \"vllm\"}'")
     a = ap.parse_args()
@@ -149,22 +146,46 @@ def main():
     if not vllm_bin.exists():
         raise SystemExit(f"no vLLM environment at {a.vllm_venv}: run `make vllm-venv`")
 
-    port = free_port()
-    poegpt_levels = bench_server(
-        "poegpt serve", [sys.executable, "-m", "poegpt.cli", "serve", "--model", str(ckpt), "--port", str(port),
-                         "--dtype", a.dtype, "--max-batch", str(max(a.concurrency)), "--max-queue", "256",
-                         "--served-name", "poegpt", "--log-level", "warning"],
-        port, "poegpt", a, work / "poegpt.log")
-    port = free_port()
-    vllm_levels = bench_server(
-        "vllm serve", [str(vllm_bin), "serve", str(folder), "--host", "127.0.0.1", "--port", str(port),
-                       "--dtype", {"bf16": "bfloat16", "fp32": "float32"}[a.dtype], "--enforce-eager",
-                       "--served-model-name", "poegpt", "--hf-overrides", a.vllm_overrides,
-                       "--max-num-seqs", str(max(a.concurrency))],
-        port, "poegpt", a, work / "vllm.log")
+    servers, procs = {}, []
+    try:
+        port = free_port()
+        ENV["OMP_NUM_THREADS"] = str(a.poegpt_threads)
+        cmd = [sys.executable, "-m", "poegpt.cli", "serve", "--model", str(ckpt), "--port", str(port), "--dtype", a.dtype,
+               "--max-batch", str(max(a.concurrency)), "--max-queue", "256", "--served-name", "poegpt",
+               "--log-level", "warning"]
+        print(f"starting poegpt serve: {' '.join(cmd)}", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
+        procs.append(start(cmd, port, work / "poegpt.log"))
+        servers["poegpt serve"] = (f"http://127.0.0.1:{port}", time.monotonic() - t0)
+        del ENV["OMP_NUM_THREADS"]
+        port = free_port()
+        cmd = [str(vllm_bin), "serve", str(folder), "--host", "127.0.0.1", "--port", str(port),
+               "--dtype", {"bf16": "bfloat16", "fp32": "float32"}[a.dtype], "--enforce-eager",
+               "--served-model-name", "poegpt", "--hf-overrides", a.vllm_overrides,
+               "--max-num-seqs", str(max(a.concurrency))]
+        print(f"starting vllm serve: {' '.join(cmd)}", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
+        procs.append(start(cmd, port, work / "vllm.log"))
+        servers["vllm serve"] = (f"http://127.0.0.1:{port}", time.monotonic() - t0)
+        for url, _ in servers.values():
+            run_level(url, "poegpt", 1, 2, a.max_tokens)                 # warm-up
+        runs = {name: {k: [] for k in a.concurrency} for name in servers}
+        for rnd in range(a.rounds):
+            for k in a.concurrency:
+                for name, (url, _) in servers.items():
+                    r = run_level(url, "poegpt", k, a.requests or max(8, 2 * k), a.max_tokens)
+                    runs[name][k].append(r)
+                    print(f"round {rnd + 1}: {name} concurrency {k}: {r['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
+    finally:
+        for proc in procs:
+            stop(proc)
+    results = {name: [{**median_level(runs[name][k]), "startup_s": servers[name][1]} for k in a.concurrency]
+               for name in servers}
+    poegpt_levels, vllm_levels = results["poegpt serve"], results["vllm serve"]
 
     print(f"model: {ckpt} ({a.dtype}), {a.max_tokens} new tokens per request, greedy, loopback; "
-          f"vllm overrides {a.vllm_overrides}; {os.cpu_count()} CPU cores")
+          f"vllm overrides {a.vllm_overrides}; {os.cpu_count()} CPU cores, poegpt serve threads {a.poegpt_threads}; median of {a.rounds} interleaved rounds; "
+          f"load average at the end {os.getloadavg()[0]:.1f}")
     print(f"{'server':>13}{'conc':>5}{'reqs':>6}{'err':>5}{'tokens':>8}{'sec':>8}{'tok/s':>9}{'req/s':>7}"
           f"{'lat p50':>9}{'p90':>7}{'ttft p50':>10}{'start s':>9}")
     for name, levels in (("poegpt serve", poegpt_levels), ("vllm serve", vllm_levels)):
@@ -178,6 +199,7 @@ def main():
               for p, v in zip(poegpt_levels, vllm_levels)}
     print("throughput ratio vllm / poegpt: " + ", ".join(f"concurrency {k}: {r:.2f}x" for k, r in ratios.items()))
     print(json.dumps({"bench": "vllm_serve", "model": str(ckpt), "dtype": a.dtype, "max_tokens": a.max_tokens,
+                      "rounds": a.rounds, "load_average": os.getloadavg()[0], "poegpt_threads": a.poegpt_threads,
                       "vllm_overrides": json.loads(a.vllm_overrides), "poegpt": poegpt_levels, "vllm": vllm_levels,
                       "ratio_vllm_over_poegpt": ratios}))
 

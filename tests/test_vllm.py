@@ -133,6 +133,9 @@ def test_offline_fp32_vllm_attention_kernel_equal_native(offline, native):
 
 
 # --- vllm serve ---------------------------------------------------------------------------------------
+SERVE_LOG: list[Path] = []     # the log of the running `vllm serve`
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -164,6 +167,7 @@ def server(folder, tmp_path_factory):
             if time.time() > deadline:
                 pytest.fail(f"vllm serve did not come up in 600 s:\n{log.read_text()[-6000:]}")
             time.sleep(1)
+        SERVE_LOG.append(log)
         yield f"http://127.0.0.1:{port}"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)     # the session this test started
@@ -204,3 +208,44 @@ def test_serve_curl_example_and_prefix_variant(server, folder, native):
             worst = max(worst, abs(lp - float(logp[int(t.removeprefix("token_id:"))])))
     assert worst <= 1e-3, f"served first-token log-probs differ by up to {worst:.2e}"
     print(f"vllm serve (prefix-2, bf16): curl example ok; greedy equal, log-probs within {worst:.1e}")
+    # the prefix variant builds layers 0..5 only: vLLM sized its KV cache for 6 layers + the smear state
+    import re
+    cfg = model.config
+    per_layer = 2 * cfg.n_kv_head * cfg.head_dim * 2                       # bf16 keys + values per token
+    tokens = int(re.search(r"KV cache size: ([\d,]+) tokens", SERVE_LOG[-1].read_text())[1].replace(",", ""))
+    layers = 2 ** 30 / per_layer / tokens                                  # VLLM_CPU_KVCACHE_SPACE=1 GiB
+    assert round(layers) == cfg.boundaries[1] + 1 + 1, f"KV cache for {layers:.2f} layers, not prefix-2's 6 + 1"
+
+
+def served_greedy(server, name, prompt):
+    import httpx
+    r = httpx.post(f"{server}/v1/completions", timeout=300, json={
+        "model": name, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
+        "logprobs": 0, "return_tokens_as_token_ids": True})
+    assert r.status_code == 200, r.text
+    return [int(t.removeprefix("token_id:")) for t in r.json()["choices"][0]["logprobs"]["tokens"]]
+
+
+def prefix_cache_hits(server) -> float:
+    import httpx
+    text = httpx.get(f"{server}/metrics", timeout=30).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("vllm:prefix_cache_hits_total"))
+
+
+def test_serve_concurrent_requests_and_prefix_cache(server, folder, native):
+    """Requests arriving together share batches (prefills and decode steps of different requests in
+    one forward), and a repeated long prompt starts from vLLM's prefix cache (its first 384 tokens'
+    keys, values and smear state come from the cache): greedy output is still native's."""
+    from concurrent.futures import ThreadPoolExecutor
+    model, tok = native["bf16"]
+    expected = [native_reference(model, tok, p, max_stages=2)[1] for p in PROMPTS]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        got = list(pool.map(lambda p: served_greedy(server, folder.name, p), PROMPTS))
+    for prompt, g, e in zip(PROMPTS, got, expected):
+        assert g == e, f"concurrent greedy differs for {prompt[:30]!r}"
+    before = prefix_cache_hits(server)
+    assert served_greedy(server, folder.name, PROMPTS[-1]) == expected[-1], "greedy differs from the prefix cache"
+    hits = prefix_cache_hits(server) - before
+    assert hits >= 256, f"the repeated prompt did not hit vLLM's prefix cache ({hits} tokens)"
+    print(f"vllm serve: {len(PROMPTS)} concurrent requests greedy equal; repeated prompt: {hits:.0f} tokens from "
+          "the prefix cache, greedy equal")

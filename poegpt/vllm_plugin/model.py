@@ -1,5 +1,5 @@
-"""`PoEGPTForCausalLM` as a native vLLM model: poegpt's trunk on vLLM's paged attention, and the
-Log-OP of the stage heads as the "logits" vLLM samples from (SPEC §2, §10).
+"""`PoEGPTForCausalLM` as a native vLLM model: poegpt's trunk on vLLM's paged KV cache, and the
+Log-OP of the stage heads as the "logits" vLLM samples from (SPEC §2, §10; docs/vllm.md).
 
 vLLM hands a model one flat batch of tokens (prefill chunks and decode steps of many requests,
 `input_ids` (N,), `positions` (N,)) and samples from whatever `compute_logits` returns, treating it
@@ -7,23 +7,23 @@ as logits: softmax of it is the distribution. This model returns the normalised 
 log p_S (already a log-softmax), so softmax(log p_S) = p_S and vLLM's greedy, temperature, top-k,
 top-p, seeds and `logprobs` all act on exactly poegpt's distribution.
 
-The trunk, feature by feature, computes what `poegpt.model.PoEGPT` computes (same parameter names,
-same operations in the same order and dtype, poegpt's own `norm` and `apply_rotary`):
+The trunk computes what `poegpt.model.PoEGPT` computes, with the same parameter names and the same
+operations in the same order and dtype (poegpt's own `norm`, `apply_rotary` and attention function):
+normed token embedding and **smear gate** (`x + λ·σ(W·x[:24])·x_prev`, x_prev the normed embedding
+of the previous token of the same request: `SmearState`); per-layer resid/x0 scalars; value
+embeddings gated per KV head; rotary, then QK-norm ×1.2; GQA; the SSSL windows; ReLU² MLP; the
+backout on boundaries at or past layer L//2; per stage the head `softcap((W_s + W_k)·norm(h_k))`
+with the summed weight formed once, as poegpt caches it. `forward` returns the normed boundary
+states of the stages it ran, concatenated ((N, m·d)); vLLM keeps the rows it samples from and passes
+them to `compute_logits`.
 
-- token embedding, parameter-free RMSNorm, **smear gate** (`x + λ·σ(W·x[:24]) · x_prev`, with
-  x_prev the normed embedding of the previous token of the *same request*): see `SmearState`;
-- per-layer resid/x0 scalars; value embeddings gated per KV head on alternating layers; rotary
-  (nanochat's convention, applied before QK-norm ×1.2); GQA through vLLM's `Attention`, which owns
-  the paged KV cache; the SSSL sliding windows as vLLM per-layer windows (poegpt's window w lets a
-  query see keys t−w..t, w + 1 keys, which is vLLM's `sliding_window = w + 1`); ReLU² MLP;
-- the mid-network backout on boundaries at or past layer L//2, and per stage k the head
-  `softcap((W_s + W_k)·norm(h_k))` with the summed weight formed once, as poegpt caches it.
-
-`forward` returns the normed boundary states of the stages it ran, concatenated along the features
-((N, m·d)); vLLM keeps the rows it samples from and passes them to `compute_logits`.
+**Attention** (`CausalSelfAttention`): the keys and values live in vLLM's paged cache. The kernel is
+poegpt's own attention, per request (config `poe_attention: "sdpa"`, the default: bf16 results equal
+poegpt's bit for bit), or vLLM's fused CPU kernel with per-layer sliding windows (`"vllm"`: exact in
+fp32, rounds differently in bf16).
 
 **Which distribution.** Full PoE (every stage, uniform, or entropy-weighted when the config's
-`poe_alpha` > 0) by default. A served variant picks other static stage mixes through config keys,
+`poe_alpha` > 0) by default. A served variant picks another static stage mix through config keys,
 given with `--hf-overrides` (or `LLM(hf_overrides=...)`):
 
     {"poe_max_stages": m}                      prefix PoE of stages 0..m-1
@@ -34,18 +34,16 @@ and the model then *builds* only the layers up to the deepest stage it needs (no
 cache, no compute for the rest). WAND and self-speculative decoding decide the depth per token and
 need `poegpt serve`.
 
-**The smear gate's previous token.** A decode step (and the first token of a prefill chunk) has its
-predecessor outside the batch. `SmearState` keeps every token's normed embedding in a paged cache
-of its own: one extra vLLM `Attention` layer that is never run as attention, only used for the
-cache vLLM allocates, frees, shares (prefix caching) and rebuilds (preemption by recompute) for it
-like for every other layer. Each forward writes the batch's embeddings at their slots
-(`slot_mapping`) and reads every token's predecessor at the slot of position p−1 through the
-request's block table; every forward checks that this addressing reproduces vLLM's own slot mapping
-for the batch's tokens, so a layout this code does not understand fails loudly instead of generating
-wrong text. The stored
-value is the embedding in the model dtype, exactly what poegpt's `KVCache.embeds` holds. The
-cache's memory layout is the CPU attention backend's (blocks first, contiguous); other backends are
-refused with an error until tested.
+**Where poegpt's state lives.** A decode step (and the first token of a prefill chunk) has its
+predecessor outside the batch. `SmearState` keeps every token's normed embedding in a paged cache of
+its own: an extra vLLM `Attention` layer that is never run as attention, only used for the cache
+vLLM allocates, frees, shares (prefix caching) and rebuilds (preemption by recompute) like every
+other layer's. Each forward writes the batch's embeddings at their slots and reads every token's
+predecessor at the slot of position p−1 through the request's block table. The stored value is the
+embedding in the model dtype, exactly what poegpt's `KVCache.embeds` holds. The "sdpa" attention
+keeps its keys and values the same way. Both rely on the CPU attention backend's cache layout
+(blocks first, contiguous); every forward checks that the slot addressing reproduces vLLM's own
+slot mapping, and other backends are refused with an error until tested.
 
 Single device only (no tensor or pipeline parallelism).
 """
