@@ -433,3 +433,75 @@ def test_lm_eval_cli_on_a_local_task(exported, remote):
                        timeout=600, cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "poegpt_tiny" in r.stdout and "acc" in r.stdout
+
+
+# The model card's own snippets, as written (the local folder in place of the hub id), on the export of
+# the shipped demo model; poegpt is unimportable in the subprocess.
+CARD_SCRIPT = r'''
+import json, sys
+
+
+class BlockPoegpt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "poegpt" or name.startswith("poegpt."):
+            raise ImportError(f"{name} is blocked")
+
+
+sys.meta_path.insert(0, BlockPoegpt())
+repo, out_file = sys.argv[1], sys.argv[2]
+res = {}
+# --- the card, "Transformers" ---
+from transformers import pipeline
+pipe = pipeline("text-generation", model=repo, trust_remote_code=True)
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True, dtype="auto")
+res["auto_dtype"] = str(model.dtype)
+# --- the card, "Loading" ---
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained(repo, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(
+    repo,
+    trust_remote_code=True,
+    dtype=torch.bfloat16,
+    device_map="auto",
+)
+ids = tok("대한민국의 수도는", return_tensors="pt").to(model.device)
+out = model.generate(**ids, max_new_tokens=32, do_sample=True, temperature=0.8, top_p=0.95)
+res["sampled_text"] = tok.decode(out[0], skip_special_tokens=True)
+# --- the card, "Full PoE" and "Prefix-Pruned" ---
+ids = tok("The capital of France is", return_tensors="pt").to(model.device)
+out = model.generate(**ids, max_new_tokens=32, do_sample=False)
+res["bf16_greedy"] = out[0].tolist()
+res["bf16_prefix2"] = model.generate_prefix(ids.input_ids, max_stages=2, max_new_tokens=32)[0].tolist()
+fp32 = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True, dtype=torch.float32)
+res["fp32_greedy"] = fp32.generate(**ids, max_new_tokens=32, do_sample=False)[0].tolist()
+with torch.no_grad():
+    res["fp32_logprobs_last"] = fp32(ids.input_ids).logits[0, -1].tolist()
+res["pipeline"] = pipe("대한민국의 수도는", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+json.dump(res, open(out_file, "w"))
+'''
+
+
+def test_card_snippets_on_the_exported_demo_model(tmp_path):
+    """The shipped demo model exported and loaded exactly as the card shows equals native poegpt."""
+    from poegpt.checkpoint import DEMO_MODEL_DIR
+    folder = export_hf(DEMO_MODEL_DIR, tmp_path / "poegpt-demo")
+    (tmp_path / "card.py").write_text(CARD_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", HF_HOME=str(tmp_path / "hf_home"))
+    r = subprocess.run([sys.executable, "-I", str(tmp_path / "card.py"), str(folder), str(tmp_path / "out.json")],
+                       cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    res = json.loads((tmp_path / "out.json").read_text())
+    assert res["auto_dtype"] == "torch.bfloat16"                           # the demo ships bf16 weights
+    assert res["sampled_text"].startswith("대한민국의 수도는") and len(res["sampled_text"]) > len("대한민국의 수도는")
+    fp32, tok = load_model(None)
+    bf16, _ = load_model(None, dtype=torch.bfloat16)
+    ids = torch.tensor([tok.encode("The capital of France is")])
+    assert res["fp32_greedy"] == fp32.generate(ids, max_new_tokens=32, eos_token_id=tok.bos_id)[0].tolist()
+    assert res["bf16_greedy"] == bf16.generate(ids, max_new_tokens=32, eos_token_id=tok.bos_id)[0].tolist()
+    assert res["bf16_prefix2"] == bf16.generate_prefix(ids, max_stages=2, max_new_tokens=32)[0].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.tensor(res["fp32_logprobs_last"]), fp32(ids)[0, -1], atol=1e-5, rtol=0)
+    assert res["pipeline"].startswith("대한민국의 수도는")
