@@ -124,6 +124,7 @@ def main():
     ap.add_argument("--safety", type=float, default=1.0)
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled static-mode step")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers generate")
+    ap.add_argument("--compile-modes", nargs="*", help="labels of the static modes to time compiled (default: all)")
     a = ap.parse_args()
     from poegpt.checkpoint import load_model
     torch.manual_seed(0)
@@ -174,7 +175,7 @@ def main():
                     row.update(acceptance=gen.acceptance, tau=n / max(gen.passes, 1))
                 if spec.mode == "wand":
                     row.update(gen.extra)
-            if static and not a.no_compile:
+            if static and not a.no_compile and (a.compile_modes is None or label in a.compile_modes):
                 compile_decode(model, True)
                 t0 = time.perf_counter()
                 run(model, rows[:B], spec, a.tokens, B)                      # compiles the step for this shape

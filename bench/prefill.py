@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import resource
 import time
 
@@ -26,9 +27,14 @@ def measure(depth: int, context: int, pattern: str, dtype: str, repeats: int, qu
 
     cfg = PoEConfig.from_depth(depth, vocab_size=8192, sequence_len=context, window_pattern=pattern)
     torch.manual_seed(0)
-    model = PoEGPT(cfg).to({"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]).eval()
+    with torch.device("meta"):                                     # built in its dtype: no fp32 copy raises the peak
+        model = PoEGPT(cfg).to({"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
+    model = model.to_empty(device="cpu").eval()
+    model.init_weights()
     rows = [list(range(1, context + 1))]
     best = float("inf")
+    with open("/proc/self/statm") as f:
+        base = int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
     with torch.no_grad():
         for _ in range(repeats + 1):                               # the first run warms up
             cache = new_cache(model, 1, context)
@@ -36,7 +42,8 @@ def measure(depth: int, context: int, pattern: str, dtype: str, repeats: int, qu
             hs = prefill(model, cache, rows, cfg.n_stages)
             StageMix.full(cfg.n_stages).logprobs(model, hs)
             best = min(best, time.perf_counter() - t0)
-    queue.put({"seconds": best, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put({"seconds": best, "peak_mb": peak, "above_base_mb": peak - base,
                "windows": list(cfg.windows)})
 
 
@@ -60,12 +67,17 @@ def main():
             row[pattern] = r
         row["time_ratio"] = row["SSSL"]["seconds"] / row["L"]["seconds"]
         row["memory_ratio"] = row["SSSL"]["peak_mb"] / row["L"]["peak_mb"]
+        row["above_base_ratio"] = row["SSSL"]["above_base_mb"] / max(row["L"]["above_base_mb"], 1e-9)
         results.append(row)
     print(f"prefill, depth {a.depth}, batch 1, {a.dtype}, full PoE; SSSL windows {results[0]['SSSL']['windows']}")
-    print(f"{'context':>8}{'SSSL s':>9}{'L s':>9}{'ratio':>7}{'SSSL MB':>9}{'L MB':>8}{'ratio':>7}")
+    print(f"load average {os.getloadavg()[0]:.2f} (1 min) on {os.cpu_count()} CPUs; peak MB is the process's max RSS, "
+          f"'above base' its rise during the prefills (cache, activations, attention)")
+    print(f"{'context':>8}{'SSSL s':>9}{'L s':>9}{'ratio':>7}{'SSSL MB':>9}{'L MB':>8}{'ratio':>7}"
+          f"{'SSSL +MB':>10}{'L +MB':>8}{'ratio':>7}")
     for r in results:
         print(f"{r['context']:>8}{r['SSSL']['seconds']:>9.3f}{r['L']['seconds']:>9.3f}{r['time_ratio']:>7.2f}"
-              f"{r['SSSL']['peak_mb']:>9.0f}{r['L']['peak_mb']:>8.0f}{r['memory_ratio']:>7.2f}")
+              f"{r['SSSL']['peak_mb']:>9.0f}{r['L']['peak_mb']:>8.0f}{r['memory_ratio']:>7.2f}"
+              f"{r['SSSL']['above_base_mb']:>10.0f}{r['L']['above_base_mb']:>8.0f}{r['above_base_ratio']:>7.2f}")
     print(json.dumps({"bench": "prefill", "depth": a.depth, "dtype": a.dtype, "results": results}))
 
 

@@ -148,10 +148,14 @@ def main():
     import torch
     machine = load()
     peak_flops = matmul_flops({"bf16": torch.bfloat16}.get(a.dtype, torch.float32))
-    rows = [in_process(measure, name, obj, a.steps, a.dtype, a.device, a.compile_loss)
-            for name in a.configs for obj in a.objectives]
-    loss_rows = [in_process(loss_memory, mode, 48_000, a.loss_tokens, 256, 4, 4096)
-                 for mode in ("chunked", "materialised")]
+    rows, loss_rows = [], []
+    for name in a.configs:
+        for obj in a.objectives:
+            rows.append(in_process(measure, name, obj, a.steps, a.dtype, a.device, a.compile_loss))
+            print("#", json.dumps(rows[-1]), flush=True)                     # progress, in case of a cut-off
+    for mode in ("chunked", "materialised") if a.loss_tokens else ():
+        loss_rows.append(in_process(loss_memory, mode, 48_000, a.loss_tokens, 256, 4, 4096))
+        print("#", json.dumps(loss_rows[-1]), flush=True)
     print(f"{describe({**machine, 'fp32_gflop_s' if a.dtype != 'bf16' else 'bf16_gflop_s': peak_flops / 1e9})}; "
           f"{a.dtype}, {a.steps} steps{', compiled loss' if a.compile_loss else ''}")
     print(f"{'config':<7}{'objective':<16}{'params':>11}{'tok/s':>9}{'vs final':>9}{'FLOP ratio':>11}"
@@ -168,12 +172,13 @@ def main():
               f"{r['speed_vs_final_only']:>9.2f}{r['flops_vs_final_only']:>11.2f}{r['predicted_speed_vs_final_only']:>10.2f}"
               f"{100 * r['mfu']:>6.1f}%{r['peak_mem_mb']:>9.0f}{r['mem_vs_final_only']:>7.2f}"
               f"{r['mem_above_base_mb']:>11.0f}{r['mem_above_base_vs_final_only']:>7.2f}")
-    chunked, full = loss_rows
-    print(f"loss memory, residual_logop, K=4, V=48,000, N={a.loss_tokens}, d=256 (forward + backward of the loss alone): "
-          f"chunked {chunked['peak_above_base_mb']:.0f} MB in {chunked['seconds']:.2f} s, materialised "
-          f"{full['peak_above_base_mb']:.0f} MB in {full['seconds']:.2f} s "
-          f"({full['peak_above_base_mb'] / max(chunked['peak_above_base_mb'], 1e-9):.1f}x); "
-          f"loss {chunked['loss']:.6f} vs {full['loss']:.6f}")
+    if loss_rows:
+        chunked, full = loss_rows
+        print(f"loss memory, residual_logop, K=4, V=48,000, N={a.loss_tokens}, d=256 (forward + backward of the loss "
+              f"alone): chunked {chunked['peak_above_base_mb']:.0f} MB in {chunked['seconds']:.2f} s, materialised "
+              f"{full['peak_above_base_mb']:.0f} MB in {full['seconds']:.2f} s "
+              f"({full['peak_above_base_mb'] / max(chunked['peak_above_base_mb'], 1e-9):.1f}x); "
+              f"loss {chunked['loss']:.6f} vs {full['loss']:.6f}")
     print(json.dumps({"bench": "train", "dtype": a.dtype, "steps": a.steps, "compile_loss": a.compile_loss,
                       "machine": {**machine, "peak_flops": peak_flops, "load_1m_end": load()["load_1m"]},
                       "rows": rows, "loss_memory": loss_rows}))
