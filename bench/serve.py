@@ -1,15 +1,24 @@
-"""Serving throughput and latency of `poegpt serve` at concurrency 1 and 16, over loopback.
+"""Serving throughput and latency of `poegpt serve` over loopback, continuous batching on vs off.
 
-At each concurrency level, that many client threads send streaming /v1/completions requests back to
-back (a fixed number of new tokens, greedy unless --temperature, prompts cycled from a multilingual
-list, `stream_options.include_usage` for the token count). Per level: requests, generated tokens,
-wall time, tokens/s over all clients, requests/s, end-to-end latency p50/p90/p99, time to first
-token p50/p90, and the mean rows per batched decode step read from the server's /metrics (how much
-continuous batching actually happened). Prints a table, then one JSON line.
+By default it starts two `poegpt serve` processes on free loopback ports on the same model (the
+shipped demo model unless --model): one batching (`--max-batch 16`), one not (`--max-batch 1`, every
+request waits for the one running before it). Then for each PoE mode (full and speculative by
+default) and each concurrency level (1, 4, 16), that many client threads send streaming
+/v1/completions requests back to back, first to the batching server and right after to the other,
+so that each on/off pair is measured side by side under the same machine load.
 
-    poegpt serve --model runs/demo/run --max-batch 16 &
-    python bench/serve.py --url http://127.0.0.1:8000
-    python bench/serve.py --launch runs/demo/run          # start `poegpt serve` on a free port, bench, stop it
+Per cell: requests, generated tokens, wall time, tokens/s over all clients, time to first token
+(TTFT) p50/p99, inter-token latency (ITL: the gap between consecutive chunks that carry tokens,
+pooled over all requests, as vLLM's serving benchmark counts it; a speculative chunk may carry
+several tokens) p50/p99, end-to-end latency p50/p99, and the mean rows per batched decode step read
+from the server's /metrics. Then the on/off ratios, and one JSON line.
+
+Bounded: at most --requests per cell (default max(8, 2 x concurrency)) and --cell-seconds per cell
+(no new request starts after that; those running finish), greedy, --max-tokens new tokens each.
+
+    python bench/serve.py                                   # the matrix on the demo model
+    python bench/serve.py --model runs/demo/run --modes full prefix --mode-fields '{"prefix": {"max_stages": 2}}'
+    python bench/serve.py --url http://127.0.0.1:8000       # one running server: no on/off ratio
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import time
 
 import httpx
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["The capital of France is", "대한민국의 수도는", "def fibonacci(n):", "In the beginning",
            "La capital de España es", "東京は日本の", "Once upon a time,", "import numpy as np\n"]
 
@@ -47,9 +57,10 @@ def scrape(client: httpx.Client) -> dict[str, float]:
 
 
 def one_request(client: httpx.Client, body: dict) -> dict:
+    """One streaming request: TTFT, the gaps between token-carrying chunks, latency, tokens (also used
+    by bench/vllm_serve.py)."""
     t0 = time.perf_counter()
-    first = None
-    tokens = 0
+    times, tokens = [], 0
     with client.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
             r.read()
@@ -60,31 +71,34 @@ def one_request(client: httpx.Client, body: dict) -> dict:
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise RuntimeError(chunk["error"]["message"])
-            if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
-                first = time.perf_counter() - t0
+            choice = chunk["choices"][0] if chunk["choices"] else {}
+            # a chunk with tokens: token_ids when asked for (return_token_ids), else some text (bench/vllm_serve.py)
+            if choice.get("token_ids") or ("token_ids" not in choice and choice.get("text")):
+                times.append(time.perf_counter())
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
     latency = time.perf_counter() - t0
-    return {"latency": latency, "ttft": first if first is not None else latency, "tokens": tokens}
+    return {"latency": latency, "ttft": times[0] - t0 if times else latency, "tokens": tokens,
+            "itl": [b - a for a, b in zip(times, times[1:])]}
 
 
-def run_level(url: str, name: str, concurrency: int, n_requests: int, a) -> dict:
+def run_cell(url: str, name: str, concurrency: int, n_requests: int, seconds: float, body_extra: dict,
+             a) -> dict:
     results, errors = [], []
     lock = threading.Lock()
     counter = iter(range(n_requests))
+    stop_at = time.perf_counter() + seconds
 
     def worker():
         with httpx.Client(base_url=url, timeout=600) as c:
             while True:
                 with lock:
                     i = next(counter, None)
-                if i is None:
+                if i is None or time.perf_counter() > stop_at:
                     return
                 body = {"model": name, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": a.max_tokens,
-                        "temperature": a.temperature, "stream": True, "stream_options": {"include_usage": True},
-                        "poe_mode": a.mode, **json.loads(a.mode_fields)}
-                if a.temperature > 0:
-                    body["seed"] = i
+                        "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+                        "return_token_ids": True, **body_extra}
                 try:
                     r = one_request(c, body)
                 except Exception as e:  # reported, not fatal: the table shows how many failed
@@ -108,80 +122,142 @@ def run_level(url: str, name: str, concurrency: int, n_requests: int, a) -> dict
     rows = after.get("poegpt_decode_batch_size_sum", 0) - before.get("poegpt_decode_batch_size_sum", 0)
     lat = [r["latency"] for r in results]
     ttft = [r["ttft"] for r in results]
+    itl = [g for r in results for g in r["itl"]]
     tokens = sum(r["tokens"] for r in results)
     return {"concurrency": concurrency, "requests": len(results), "errors": len(errors),
             "first_error": errors[0] if errors else None, "tokens": tokens, "seconds": wall,
             "tok_s": tokens / wall, "req_s": len(results) / wall,
-            "latency_p50": percentile(lat, 50), "latency_p90": percentile(lat, 90), "latency_p99": percentile(lat, 99),
-            "ttft_p50": percentile(ttft, 50), "ttft_p90": percentile(ttft, 90),
+            "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
+            "itl_p50": percentile(itl, 50), "itl_p99": percentile(itl, 99),
+            "latency_p50": percentile(lat, 50), "latency_p99": percentile(lat, 99),
             "mean_batch_rows": rows / steps if steps else float("nan")}
 
 
-def launch(model: str, max_batch: int) -> tuple[subprocess.Popen, str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    proc = subprocess.Popen([sys.executable, "-m", "poegpt.cli", "serve", "--model", model, "--port", str(port),
-                             "--max-batch", str(max_batch), "--max-queue", "256", "--log-level", "warning"],
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+def launch(model: str | None, max_batch: int, threads: int | None) -> tuple[subprocess.Popen, str]:
+    """`poegpt serve` on a free loopback port; returns once /health answers 200."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "poegpt.cli", "serve", "--port", str(port), "--max-batch", str(max_batch),
+           "--max-queue", "256", "--log-level", "warning"]
+    cmd += ["--model", model] if model else []
+    cmd += ["--threads", str(threads)] if threads else []
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
         if proc.poll() is not None:
-            raise SystemExit(f"poegpt serve exited with status {proc.returncode}")
+            raise SystemExit(f"poegpt serve exited with status {proc.returncode}: {' '.join(cmd)}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return proc, url
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline:
-            proc.terminate()
+            proc.kill()
             raise SystemExit("poegpt serve did not start within 120 s")
         time.sleep(0.2)
 
 
+def finite(x):
+    """NaN (no data) as null, so that the JSON line is strict JSON."""
+    if isinstance(x, float) and x != x:
+        return None
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    return x
+
+
+def rows_per_step(r: dict) -> str:
+    """Mean rows per batched decode step; '-' when none ran (WAND and speculative run as their own jobs)."""
+    x = r["mean_batch_rows"]
+    return f"{x:.2f}" if x == x else "-"
+
+
+def fmt_ms(x: float) -> str:
+    return f"{1000 * x:.0f}" if x == x else "-"
+
+
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--url", default="http://127.0.0.1:8000", help="a running `poegpt serve`")
-    ap.add_argument("--launch", metavar="MODEL", help="start `poegpt serve --model MODEL` on a free port instead")
-    ap.add_argument("--max-batch", type=int, default=16, help="with --launch: the server's --max-batch")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--url", help="bench this running `poegpt serve` instead of launching two")
+    ap.add_argument("--model", help="checkpoint for the launched servers (default: the shipped demo model)")
+    ap.add_argument("--max-batch", type=int, nargs="+", default=[16, 1],
+                    help="launch one server per value; the first is 'on', the last 'off' (default 16 1)")
+    ap.add_argument("--threads", type=int, default=None, help="the launched servers' --threads")
     ap.add_argument("--served-name", help="model name to send (default: the first of /v1/models)")
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--requests", type=int, default=None, help="requests per level (default: max(8, 2 x concurrency))")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--modes", nargs="+", default=["full", "speculative"])
+    ap.add_argument("--mode-fields", default="{}", help='PoE fields per mode as JSON, e.g. \'{"prefix": {"max_stages": 2}}\'')
+    ap.add_argument("--requests", type=int, default=None, help="requests per cell (default: max(8, 2 x concurrency))")
+    ap.add_argument("--cell-seconds", type=float, default=60.0, help="no new request starts after this, per cell")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--mode", default="full", help="poe_mode of every request")
-    ap.add_argument("--mode-fields", default="{}", help='extra PoE fields as JSON, e.g. \'{"max_stages": 2}\'')
     a = ap.parse_args()
-    proc = None
-    url = a.url
-    if a.launch:
-        proc, url = launch(a.launch, a.max_batch)
+    mode_fields = json.loads(a.mode_fields)
+    procs, servers = [], []
+    load_before = os.getloadavg()
     try:
-        with httpx.Client(base_url=url, timeout=30) as c:
+        if a.url:
+            servers.append(("given", a.url))
+        else:
+            for mb in a.max_batch:
+                proc, url = launch(a.model, mb, a.threads)
+                procs.append(proc)
+                servers.append((f"max-batch {mb}", url))
+        with httpx.Client(base_url=servers[0][1], timeout=30) as c:
             card = c.get("/v1/models").json()["data"][0]
         name = a.served_name or card["id"]
-        run_level(url, name, 1, 2, a)               # warm-up: first requests pay for lazy initialisation
-        levels = [run_level(url, name, k, a.requests or max(8, 2 * k), a) for k in a.concurrency]
+        cells = []
+        for mode in a.modes:
+            extra = {"poe_mode": mode, **mode_fields.get(mode, {})}
+            for label, url in servers:         # warm-up: first requests pay for lazy initialisation
+                run_cell(url, name, 1, 2, a.cell_seconds, extra, a)
+            for k in a.concurrency:
+                for label, url in servers:     # side by side: the same cell on each server in turn
+                    r = run_cell(url, name, k, a.requests or max(8, 2 * k), a.cell_seconds, extra, a)
+                    cells.append({"mode": mode, "server": label, **r})
+                    print(f"  {mode:<12} {label:<13} concurrency {k:>3}: {r['tok_s']:7.1f} tok/s", file=sys.stderr,
+                          flush=True)
     finally:
-        if proc is not None:
+        for proc in procs:
             proc.terminate()
-            proc.wait(30)
-    print(f"server: {url}  model: {name} ({card['poe']['n_layer']} layers, {card['poe']['n_stages']} stages, "
-          f"context {card['max_model_len']})  mode: {a.mode}  {a.max_tokens} new tokens per request, "
-          f"temperature {a.temperature}")
-    print(f"{'conc':>5}{'reqs':>6}{'err':>5}{'tokens':>8}{'sec':>8}{'tok/s':>9}{'req/s':>7}{'lat p50':>9}"
-          f"{'p90':>7}{'p99':>7}{'ttft p50':>10}{'p90':>7}{'rows/step':>11}")
-    for r in levels:
-        print(f"{r['concurrency']:>5}{r['requests']:>6}{r['errors']:>5}{r['tokens']:>8}{r['seconds']:>8.2f}"
-              f"{r['tok_s']:>9.1f}{r['req_s']:>7.2f}{r['latency_p50']:>9.3f}{r['latency_p90']:>7.3f}"
-              f"{r['latency_p99']:>7.3f}{r['ttft_p50']:>10.3f}{r['ttft_p90']:>7.3f}{r['mean_batch_rows']:>11.2f}")
+        for proc in procs:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    load_after = os.getloadavg()
+    print(f"model: {name} ({card['poe']['n_layer']} layers, {card['poe']['n_stages']} stages, context "
+          f"{card['max_model_len']}); greedy, {a.max_tokens} new tokens per request, streaming over loopback; "
+          f"machine load average {load_before[0]:.2f} before, {load_after[0]:.2f} after ({os.cpu_count()} CPUs)")
+    print(f"{'mode':<12}{'server':<14}{'conc':>5}{'reqs':>5}{'err':>4}{'tokens':>7}{'sec':>7}{'tok/s':>8}"
+          f"{'TTFT p50':>9}{'p99':>6}{'ITL p50':>8}{'p99':>6}{'lat p50':>8}{'p99':>7}{'rows/step':>10}   (times in ms)")
+    for r in cells:
+        print(f"{r['mode']:<12}{r['server']:<14}{r['concurrency']:>5}{r['requests']:>5}{r['errors']:>4}"
+              f"{r['tokens']:>7}{r['seconds']:>7.1f}{r['tok_s']:>8.1f}{fmt_ms(r['ttft_p50']):>9}"
+              f"{fmt_ms(r['ttft_p99']):>6}{fmt_ms(r['itl_p50']):>8}{fmt_ms(r['itl_p99']):>6}"
+              f"{fmt_ms(r['latency_p50']):>8}{fmt_ms(r['latency_p99']):>7}{rows_per_step(r):>10}")
         if r["first_error"]:
             print(f"  first error: {r['first_error']}")
-    speedup = levels[-1]["tok_s"] / levels[0]["tok_s"] if len(levels) > 1 and levels[0]["tok_s"] else None
-    print(json.dumps({"bench": "serve", "url": url, "model": name, "mode": a.mode, "max_tokens": a.max_tokens,
-                      "temperature": a.temperature, "levels": levels, "throughput_ratio_last_vs_first": speedup}))
+    ratios = []
+    if len(servers) > 1:
+        on, off = servers[0][0], servers[-1][0]
+        print(f"\nratios {on} / {off} (same mode and concurrency, measured back to back)")
+        print(f"{'mode':<12}{'conc':>5}{'tok/s':>8}{'TTFT p50':>10}{'ITL p50':>9}{'lat p50':>9}")
+        for mode in a.modes:
+            for k in a.concurrency:
+                x = next(c for c in cells if c["mode"] == mode and c["server"] == on and c["concurrency"] == k)
+                y = next(c for c in cells if c["mode"] == mode and c["server"] == off and c["concurrency"] == k)
+                q = {key: x[key] / y[key] if y[key] else float("nan")
+                     for key in ("tok_s", "ttft_p50", "itl_p50", "latency_p50")}
+                ratios.append({"mode": mode, "concurrency": k, **q})
+                print(f"{mode:<12}{k:>5}{q['tok_s']:>8.2f}{q['ttft_p50']:>10.2f}{q['itl_p50']:>9.2f}"
+                      f"{q['latency_p50']:>9.2f}")
+    print(json.dumps(finite({"bench": "serve", "model": name, "max_tokens": a.max_tokens, "servers": [s[0] for s in servers],
+                      "threads": a.threads, "load_avg_before": load_before, "load_avg_after": load_after,
+                      "cpus": os.cpu_count(), "cells": cells, "ratios_on_off": ratios})))
 
 
 if __name__ == "__main__":

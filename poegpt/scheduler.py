@@ -341,6 +341,7 @@ class Scheduler:
         self._groups: collections.Counter = collections.Counter()   # request -> its sequences still waiting
         self._cv = threading.Condition()
         self._closed = False
+        self.draining = False              # set by drain(): no new requests, the running ones go on
         self._thread: threading.Thread | None = None
         self._token_text = [token_text(tokenizer, i) for i in range(tokenizer.vocab_size)]
         self.metrics = metrics if metrics is not None else Metrics()
@@ -361,6 +362,18 @@ class Scheduler:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(wait)
 
+    def drain(self) -> None:
+        """Take no new requests (submit raises SchedulerClosed) while the waiting and running ones go
+        on to their end: the first half of a graceful shutdown. Only sets a flag, so that a signal
+        handler may call it (the main thread may hold the lock when the signal arrives)."""
+        self.draining = True
+
+    def abort(self, reason: str = "shutdown") -> None:
+        """End every waiting and running sequence now (the drain's time is up): each gets a last
+        event with `reason` and its message, and running rows are freed before the next step."""
+        with self._cv:
+            self.cancel(list(self.waiting) + self.batch + self.solo, reason)
+
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._closed
@@ -379,8 +392,9 @@ class Scheduler:
         """Queue the sequences of one request; QueueFull when max_queue requests already wait."""
         now = time.monotonic()
         with self._cv:
-            if self._closed:
-                raise SchedulerClosed("the server is shutting down")
+            if self._closed or self.draining:
+                raise SchedulerClosed("the server is shutting down and takes no new requests; retry on another "
+                                      "replica or later")
             if len(self._groups) >= self.max_queue:
                 raise QueueFull(f"the server's queue is full ({self.max_queue} requests waiting); retry later")
             for s in seqs:
@@ -398,7 +412,7 @@ class Scheduler:
                 if s.state == "waiting":
                     self.waiting.remove(s)
                     self._ungroup(s)
-                    self._done(s, reason)
+                    self._done(s, reason, error=self._message(reason))
                 elif s.state == "running" and s.stop_reason is None:
                     s.stop_reason = reason
             self._cv.notify()
@@ -421,7 +435,7 @@ class Scheduler:
                     for s in [s for s in self.waiting if s.deadline is not None and now > s.deadline]:
                         self.waiting.remove(s)
                         self._ungroup(s)
-                        self._done(s, "timeout", error=self._timeout_message())
+                        self._done(s, "timeout", error=self._message("timeout"))
                     admitted = []
                     while self.waiting and len(self.batch) + len(self.solo) + len(admitted) < self.max_batch:
                         s = self.waiting.popleft()
@@ -432,8 +446,7 @@ class Scheduler:
                     if s.stop_reason is None and s.deadline is not None and now > s.deadline:
                         s.stop_reason = "timeout"
                     if s.stop_reason is not None and s.state == "running":
-                        timed_out = s.stop_reason == "timeout"
-                        self._done(s, s.stop_reason, error=self._timeout_message() if timed_out else None)
+                        self._done(s, s.stop_reason, error=self._message(s.stop_reason))
                 try:
                     self._sweep()
                     for s in admitted:
@@ -449,12 +462,17 @@ class Scheduler:
         with self._cv:                    # shutting down: tell everyone still here
             for s in list(self.waiting) + self.batch + self.solo:
                 if s.state != "done":
-                    self._done(s, "shutdown", error="the server is shutting down; retry on another replica or later")
+                    self._done(s, "shutdown", error=self._message("shutdown"))
             self.waiting.clear()
             self._groups.clear()
 
-    def _timeout_message(self) -> str:
-        return f"the request did not finish within {self.timeout:g} s (the server's --timeout); ask for fewer tokens"
+    def _message(self, reason: str) -> str | None:
+        """The error a request ended with `reason` reports (None for a cancellation: nobody listens)."""
+        if reason == "timeout":
+            return f"the request did not finish within {self.timeout:g} s (the server's --timeout); ask for fewer tokens"
+        if reason == "shutdown":
+            return "the server is shutting down and stopped this request; retry on another replica or later"
+        return None
 
     def _start(self, s: Sequence) -> None:
         p, model = s.params, self.model
@@ -632,16 +650,18 @@ class Scheduler:
                         layers_per_token=b[s.mix.depth - 1] + 1)
             if s.mix.alpha:
                 info["poe_alpha"] = s.mix.alpha
-        elif spec.mode == "wand" and s.gen is not None:
-            used = s.gen.stages_used[0][:len(s.tokens)] if s.gen.stages_used else []
+        elif spec.mode == "wand":          # (no step iterator when max_tokens is 0: nothing was generated)
+            used = s.gen.stages_used[0][:len(s.tokens)] if s.gen is not None and s.gen.stages_used else []
             info.update(safety=spec.safety, stages_used=used,
                         mean_stages_per_token=sum(u + 1 for u in used) / max(len(used), 1),
                         mean_layers_per_token=sum(b[u] + 1 for u in used) / max(len(used), 1))
-        elif spec.mode == "speculative" and s.gen is not None:
+        elif spec.mode == "speculative":
             g = s.gen
-            info.update(draft_stage=spec.draft_stage, k_draft=spec.k_draft, acceptance_rate=g.acceptance,
-                        drafted=g.drafted, accepted=g.accepted, passes=g.passes,
-                        tokens_per_pass=len(s.tokens) / max(g.passes, 1))
+            drafted, accepted, passes = (g.drafted, g.accepted, g.passes) if g is not None else (0, 0, 0)
+            info.update(draft_stage=spec.draft_stage, k_draft=spec.k_draft,
+                        acceptance_rate=accepted / drafted if drafted else 0.0,
+                        drafted=drafted, accepted=accepted, passes=passes,
+                        tokens_per_pass=len(s.tokens) / max(passes, 1))
         return info
 
     # --- log-probs ------------------------------------------------------------------------------

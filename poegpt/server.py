@@ -21,6 +21,10 @@ never a 500 for the client's mistake. Generation runs on the scheduler's engine 
 (`scheduler.py`, continuous batching); the event loop only parses, formats and streams. A client
 that disconnects cancels its sequences, which frees their batch rows before the next decode step.
 
+`poegpt serve` answers on its port while the checkpoint loads (`LoadingApp`: /health 503 "loading",
+then 200) and drains on SIGTERM: the socket closes, in-flight requests finish (for up to
+--drain-timeout seconds), the process exits with status 0.
+
 fastapi and uvicorn are imported inside `create_app` and `cmd_serve` only, so the CLI works without
 the `serve` extra installed.
 """
@@ -29,12 +33,15 @@ the `serve` extra installed.
 import asyncio
 import json
 import math
+import os
 import secrets
 import socket
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Callable
 
 from .engine import Sampling, check_prompts
 from .errors import PoEError
@@ -47,6 +54,8 @@ MAX_LOGPROBS = 20          # top-N log-probs per token (vLLM's default cap; Open
 MAX_CHOICES = 128          # prompts x n in one request
 MAX_STOP = 16
 DEFAULT_MAX_TOKENS = 16    # OpenAI's default for the completions API
+MIN_TEMPERATURE = 0.01     # a positive temperature below this samples at this (vLLM's rule)
+MIN_TOP_P = 1e-6           # a positive top_p below this keeps the top token only, as this does
 
 POE_FIELDS = {"max_stages": "prefix", "stage": "stage", "stages": "composition", "stage_weights": "composition",
               "safety": "wand", "p99_bounds": "wand", "draft_stage": "speculative", "k_draft": "speculative"}
@@ -275,13 +284,18 @@ def parse_completion(body, model, tokenizer, served_name: str) -> CompletionJob:
     if spec.mode == "wand" and temperature > 0:
         raise _bad("poe_mode 'wand' decodes greedily (its exit rule bounds the argmax); set temperature to 0 or "
                    "leave it out", "temperature")
+    if 0 < temperature < MIN_TEMPERATURE:
+        temperature = MIN_TEMPERATURE      # as vLLM does: below it, log-probs / T overflow to inf (found by the fuzz)
     top_p = _number(body, "top_p", None)
+    if top_p is not None and 0 < top_p < MIN_TOP_P:
+        top_p = MIN_TOP_P                  # the same nucleus (the top token alone, for any vocabulary under a
+        # million), but one float32 can hold: a smaller one rounds to 0 there and drops every token
     top_k = body.get("top_k")
     if top_k in (-1, 0):                   # vLLM's spelling of "no top-k"
         top_k = None
     if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise _bad(f"top_k must be a positive integer (or -1 for none), got {top_k!r}", "top_k")
-    seed = _int(body, "seed", None)
+    seed = _int(body, "seed", None, -2 ** 63, 2 ** 63 - 1)     # int64, as OpenAI and vLLM take it
     try:
         Sampling(do_sample=temperature > 0, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     except PoEError as e:
@@ -611,8 +625,10 @@ def create_app(model, tokenizer, served_name: str = "poegpt", max_batch: int = 8
     async def health():
         if not scheduler.alive:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
-        return {"status": "ok", "running": scheduler.running(),
-                "queued": scheduler.queue_depth}
+        state = {"running": scheduler.running(), "queued": scheduler.queue_depth}
+        if scheduler.draining:       # SIGTERM: finishing what it has, taking nothing new
+            return JSONResponse({"status": "draining", **state}, status_code=503)
+        return {"status": "ok", **state}
 
     @app.get("/metrics")
     async def prometheus():
@@ -620,6 +636,66 @@ def create_app(model, tokenizer, served_name: str = "poegpt", max_batch: int = 8
 
     app.add_middleware(_CountRequests, metrics=metrics, routes=routes)
     return app
+
+
+class LoadingApp:
+    """The ASGI app `poegpt serve` runs, so that the port answers while the model loads.
+
+    On lifespan startup, `load()` (read the checkpoint, build the app with `create_app`) runs on a
+    thread. Until it returns, GET /health answers 503 {"status": "loading"} and every other request a
+    503 error in OpenAI's shape; then every request goes to the app it returned. If it raises, /health
+    answers 503 {"status": "failed", "error": ...} and `on_error(message)` is called (the CLI stops
+    the server and exits with the message). On lifespan shutdown the loaded app's engine stops."""
+
+    def __init__(self, load: Callable[[], object], on_error: Callable[[str], None] | None = None):
+        self._load, self._on_error = load, on_error
+        self.app = None
+        self.error: str | None = None
+        self.loaded = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="poegpt-load", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.app = self._load()
+        except BaseException as e:  # noqa: BLE001 - reported on /health and by the CLI
+            self.error = str(e) if isinstance(e, PoEError) else f"{type(e).__name__}: {e}"
+            if self._on_error is not None:
+                self._on_error(self.error)
+        finally:
+            self.loaded.set()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    self.start()
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    if self.app is not None:
+                        self.app.state.scheduler.close()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        app = self.app
+        if app is not None:
+            return await app(scope, receive, send)
+        if scope["type"] != "http":
+            return
+        if scope.get("path") == "/health":
+            body = {"status": "loading"} if self.error is None else {"status": "failed", "error": self.error}
+        else:
+            body = ApiError(503, "the model is still loading; retry when GET /health answers 200" if self.error is None
+                            else f"the model failed to load: {self.error}").body()
+        raw = json.dumps(body).encode()
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
+                                (b"retry-after", b"1")]})
+        await send({"type": "http.response.body", "body": raw})
 
 
 class _CountRequests:
@@ -665,6 +741,12 @@ def add_serve_parser(subparsers) -> None:
                    help="requests that may wait for a row; more get 429")
     s.add_argument("--timeout", type=float, default=600.0,
                    help="seconds a request may take, queueing included (0 = no limit); then 504")
+    s.add_argument("--drain-timeout", dest="drain_timeout", type=float, default=60.0,
+                   help="on SIGTERM / Ctrl-C, seconds in-flight requests may still run; then they end with a "
+                        "shutdown error")
+    s.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads of the engine (default: torch's, one per core); 1 is best on a "
+                        "machine whose cores other work keeps busy")
     s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights and KV cache dtype")
     s.add_argument("--log-level", dest="log_level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
@@ -677,18 +759,30 @@ def cmd_serve(a) -> None:
         import fastapi  # noqa: F401
     except ImportError:
         raise PoEError("poegpt serve needs fastapi and uvicorn: pip install 'poegpt[serve]'") from None
+    import contextlib
+
     import torch
-    from .checkpoint import load_model
+    from .checkpoint import load_model, resolve_checkpoint
     if a.max_batch < 1 or a.max_queue < 1:
         raise PoEError("--max-batch and --max-queue must be >= 1")
     if not 0 <= a.port <= 65535:
         raise PoEError(f"--port must be in 0..65535, got {a.port}")
     if not a.timeout >= 0:
         raise PoEError(f"--timeout must be >= 0 seconds (0 = no limit), got {a.timeout}")
+    if not a.drain_timeout >= 0:
+        raise PoEError(f"--drain-timeout must be >= 0 seconds, got {a.drain_timeout}")
     if a.served_name is not None and not a.served_name.strip():
         raise PoEError("--served-name is empty; give the name clients will send as `model`")
+    if a.threads is not None:
+        if a.threads < 1:
+            raise PoEError(f"--threads must be >= 1, got {a.threads}")
+        torch.set_num_threads(a.threads)
+    resolve_checkpoint(a.model)            # a missing checkpoint is one line now, not after the server started
     family = socket.AF_INET6 if ":" in a.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on connections of a socket whose proto says
+    # TCP, and without it Nagle holds every second write of a response (each SSE chunk after the first)
+    # until the client's delayed ACK, about 40 ms on Linux
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((a.host, a.port))
@@ -696,18 +790,58 @@ def cmd_serve(a) -> None:
         sock.close()
         raise PoEError(f"cannot listen on {a.host}:{a.port} ({e.strerror or e}); pick another --port or --host") \
             from None
-    try:
+    host, port = sock.getsockname()[:2]
+    name = a.served_name or (str(a.model) if a.model else "poegpt-demo")
+
+    def load():
+        # on a thread while the port already answers: /health is 503 {"status": "loading"} meanwhile
         model, tok = load_model(a.model, dtype=torch.bfloat16 if a.dtype == "bf16" else torch.float32)
         if tok is None:
             raise PoEError("the checkpoint has no tokenizer; serving needs one")
-        name = a.served_name or (str(a.model) if a.model else "poegpt-demo")
         app = create_app(model, tok, name, a.max_batch, a.max_queue, a.timeout or None)
-    except BaseException:
-        sock.close()
-        raise
-    host, port = sock.getsockname()[:2]
-    print(f"poegpt: serving {name!r} ({model.config.n_layer} layers, {model.config.n_stages} stages, context "
-          f"{model.config.sequence_len}) on http://{host}:{port}/v1  (max batch {a.max_batch}, queue "
-          f"{a.max_queue}); Ctrl-C stops", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, log_level=a.log_level, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+        print(f"poegpt: serving {name!r} ({model.config.n_layer} layers, {model.config.n_stages} stages, context "
+              f"{model.config.sequence_len}) on http://{host}:{port}/v1  (max batch {a.max_batch}, queue "
+              f"{a.max_queue}); SIGTERM or Ctrl-C drains and stops", file=sys.stderr, flush=True)
+        return app
+
+    class Server(uvicorn.Server):
+        """uvicorn's server with a drain: the first SIGTERM / SIGINT stops the listening socket (uvicorn)
+        and new requests (the scheduler answers 503), lets the in-flight ones finish for up to
+        --drain-timeout seconds, ends the rest with a shutdown error, then exits with status 0."""
+
+        def handle_exit(self, sig, frame):
+            first = not self.should_exit
+            super().handle_exit(sig, frame)
+            if not first:
+                return
+            # a signal handler: no printing through sys.stderr (it may be mid-write), no locks
+            os.write(2, f"poegpt: draining: in-flight requests may run for up to {a.drain_timeout:g} s; new "
+                        f"requests are refused\n".encode())
+            if app.app is not None:
+                scheduler = app.app.state.scheduler
+                scheduler.drain()
+                timer = threading.Timer(a.drain_timeout, scheduler.abort)
+                timer.daemon = True
+                timer.start()
+
+        if hasattr(uvicorn.Server, "capture_signals"):
+            @contextlib.contextmanager
+            def capture_signals(self):
+                with super().capture_signals():
+                    yield
+                    # drained: exit normally rather than re-raise the signal (status 0, not -15)
+                    getattr(self, "_captured_signals", []).clear()
+
+    def failed(message: str) -> None:
+        server.should_exit = True
+
+    app = LoadingApp(load, failed)
+    # uvicorn's own limit is a backstop: the scheduler ends what is left at --drain-timeout
+    config = uvicorn.Config(app, log_level=a.log_level, timeout_graceful_shutdown=a.drain_timeout + 5)
+    server = Server(config)
+    print(f"poegpt: loading {name!r}; http://{host}:{port}/health answers 503 until it is ready", file=sys.stderr,
+          flush=True)
+    server.run(sockets=[sock])
+    if app.error is not None:
+        raise PoEError(app.error)
+    print("poegpt: stopped", file=sys.stderr, flush=True)

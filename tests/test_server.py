@@ -5,7 +5,9 @@ the official openai client for completions and streaming."""
 
 import contextlib
 import json
+import math
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -18,10 +20,13 @@ import openai
 import pytest
 import torch
 import uvicorn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from poegpt import PoEConfig, PoEGPT
+from poegpt.errors import PoEError
 from poegpt.logop import logop
-from poegpt.server import create_app
+from poegpt.server import LoadingApp, create_app
 from poegpt.tokenizer import Tokenizer
 
 from conftest import build_random_model
@@ -32,6 +37,16 @@ SENTENCES = ["The quick brown fox jumps over the lazy dog. It's 2024!",
              "Emoji time 😀😃🎉🚀👍🏽 ❤️ 🇰🇷", "def forward(self, x):\n    return x + 1\n"]
 SCRIPT = "한국어 말🙂ok"        # 19 bytes, all different: a byte-level chain the scripted model follows
 K = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The in-process servers' engines run with one torch thread: a tiny model gains nothing from more,
+    and on a machine whose cores are busy with other work, spinning OpenMP threads make it ~10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +62,7 @@ def model(tok):
 @contextlib.contextmanager
 def serving(app):
     """Run `app` under uvicorn on a free loopback port in a thread; yield its base URL."""
-    sock = socket.socket()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)   # TCP_NODELAY, as serve's
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -104,6 +119,12 @@ def sse_events(body: str) -> list[dict]:
     data = [line[len("data: "):] for line in body.split("\n") if line.startswith("data: ")]
     assert data[-1] == "[DONE]" and body.endswith("data: [DONE]\n\n")
     return [json.loads(d) for d in data[:-1]]
+
+
+def metric_sum(text: str, name: str) -> float:
+    """The sum of a metric family's samples over all its labels."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
 
 
 def metric(text: str, name: str, **labels) -> float:
@@ -243,6 +264,27 @@ def test_streaming_with_openai_client_matches_non_streaming(client, http):
     raw = http.post("/v1/completions", json={**kw, "stream": True}).text
     events = sse_events(raw)
     assert all(e["object"] == "text_completion" and "usage" not in e for e in events)
+
+
+@pytest.mark.parametrize("mode, fields", [("speculative", {}), ("wand", {"p99_bounds": [1.0] * 3})])
+def test_zero_max_tokens_in_solo_modes(http, mode, fields):
+    """max_tokens 0 in WAND / speculative mode (no step ever runs; the fuzz found its 500)."""
+    for stream in (False, True):
+        r = http.post("/v1/completions", json={"model": NAME, "prompt": "The", "max_tokens": 0, "poe_mode": mode,
+                                               "temperature": 0, "stream": stream, **fields})
+        assert r.status_code == 200, r.text
+        last = sse_events(r.text)[-1] if stream else r.json()
+        assert last["choices"][0]["finish_reason"] == "length" and last["choices"][0]["poe"]["tokens"] == 0
+
+
+def test_tiny_temperature_and_top_p(http, model, tok):
+    """A positive temperature below 0.01 samples at 0.01, as vLLM does; a top_p below float32's range
+    keeps the top token only, i.e. greedy (the fuzz found both as 500s: 1e-198 and 8e-247)."""
+    ids = tok.encode("The quick")
+    body = complete(http, prompt=ids, max_tokens=6, temperature=1e-198, seed=4, return_token_ids=True)
+    assert body["choices"][0]["token_ids"] == alone(model, tok, ids, 6, do_sample=True, temperature=0.01, seed=4)
+    body = complete(http, prompt=ids, max_tokens=6, temperature=1.0, top_p=8e-247, seed=4, return_token_ids=True)
+    assert body["choices"][0]["token_ids"] == alone(model, tok, ids, 6)
 
 
 def test_logprobs_and_echo(http, model, tok):
@@ -401,6 +443,41 @@ def test_timeout_gives_504_and_stream_error(slow_model, tok):
         assert c.get("/health").json()["running"] == 0
 
 
+def test_drain_refuses_new_requests_and_abort_ends_the_rest(slow_model, tok):
+    """The two halves of SIGTERM's drain on the scheduler: drain() answers new requests 503 and /health
+    503 "draining" while the running stream goes on; abort() (at --drain-timeout) ends what is left
+    with a shutdown error: an error event then [DONE] for a stream, 503 for a waiting request."""
+    app = create_app(slow_model, tok, NAME, max_batch=1, max_queue=4)
+    sched = app.state.scheduler
+    long = {"model": NAME, "prompt": "The quick", "max_tokens": 60, "temperature": 0}
+    with serving(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json={**long, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))      # running
+            waiting = []
+            t = threading.Thread(target=lambda: waiting.append(httpx.post(url + "/v1/completions", json=long,
+                                                                          timeout=60)))
+            t.start()
+            deadline = time.monotonic() + 10
+            while sched.queue_depth != 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            sched.drain()
+            r2 = c.post("/v1/completions", json=long)
+            assert r2.status_code == 503 and "shutting down" in r2.json()["error"]["message"]
+            h = c.get("/health")
+            assert h.status_code == 503 and h.json()["status"] == "draining" and h.json()["running"] == 1
+            assert next(line for line in lines if line.startswith("data: "))      # still streaming
+            sched.abort()
+            rest = [line[6:] for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "[DONE]" and "shutting down" in json.loads(rest[-2])["error"]["message"]
+        t.join(30)
+        assert waiting[0].status_code == 503 and "shutting down" in waiting[0].json()["error"]["message"]
+        text = c.get("/metrics").text
+        assert metric(text, "poegpt_sequences_finished_total", mode="full", reason="shutdown") == 2
+        assert metric_sum(text, "poegpt_running_sequences") == 0 and metric(text, "poegpt_queue_depth") == 0
+
+
 # --- metrics and errors ----------------------------------------------------------------------------
 
 def test_metrics_exposition(http):
@@ -508,35 +585,424 @@ def test_cli_serve_bad_arguments_are_one_line(tmp_path, capsys):
     assert len(err) == 2 and "does not exist" in err[0] and "--max-batch" in err[1]
 
 
-def test_cli_serve_end_to_end(tok, tmp_path):
+def test_cli_serve_end_to_end(proc_server):
     """`poegpt serve` on a saved checkpoint with a 512-token context answers the model card's request
     (512 new tokens at temperature 0.5: served up to the end of the context), here with the openai client."""
-    from poegpt.checkpoint import save_checkpoint
-    model = build_random_model(PoEConfig.from_preset("tiny", vocab_size=tok.vocab_size, sequence_len=512), seed=1)
-    save_checkpoint(tmp_path / "ckpt", model, tok, meta={"step": 0})
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    proc = subprocess.Popen([sys.executable, "-m", "poegpt.cli", "serve", "--model", str(tmp_path / "ckpt"),
-                             "--port", str(port), "--served-name", "card", "--log-level", "warning"],
-                            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
-    try:
-        deadline = time.monotonic() + 60
+    c = openai.OpenAI(base_url=proc_server.url + "/v1", api_key="x", max_retries=0)
+    r = c.completions.create(model="card", prompt="Once upon a time,", max_tokens=512, temperature=0.5)
+    assert r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens >= 1
+    assert r.usage.prompt_tokens + r.usage.completion_tokens <= 512
+
+
+# --- loading, fuzzing, soak, abandoned clients, drain ----------------------------------------------
+
+def test_health_is_503_while_the_model_loads_then_200(model, tok):
+    """`poegpt serve` answers on its port while the checkpoint loads (LoadingApp): /health 503
+    "loading", completions a 503 error; then 200 and served. A load that fails says why."""
+    gate = threading.Event()
+
+    def load():
+        gate.wait(30)
+        return create_app(model, tok, NAME, max_batch=2)
+
+    app = LoadingApp(load)
+    with serving(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        r = c.get("/health")
+        assert r.status_code == 503 and r.json() == {"status": "loading"}
+        r = c.post("/v1/completions", json={"model": NAME, "prompt": "The", "max_tokens": 2})
+        assert r.status_code == 503 and "still loading" in r.json()["error"]["message"]
+        gate.set()
+        assert app.loaded.wait(30)
+        assert c.get("/health").status_code == 200
+        assert complete(c, prompt="The", max_tokens=2, temperature=0)["usage"]["completion_tokens"] >= 1
+    errors = []
+
+    def broken():
+        raise PoEError("model.safetensors is truncated")
+
+    app = LoadingApp(broken, errors.append)
+    with serving(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        assert app.loaded.wait(30)
+        r = c.get("/health")
+        assert r.status_code == 503 and r.json() == {"status": "failed", "error": "model.safetensors is truncated"}
+        r = c.post("/v1/completions", json={"model": NAME, "prompt": "The"})
+        assert r.status_code == 503 and "failed to load: model.safetensors is truncated" in r.json()["error"]["message"]
+    assert errors == ["model.safetensors is truncated"]
+
+
+# request bodies for the fuzz: a plausible request (each field valid or just out of range), the same
+# with one field replaced by arbitrary JSON, a dictionary of arbitrary keys, or any JSON at all
+ANY_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70) | st.floats() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=5)
+SMALL = st.integers(-1, 5)
+
+
+def mostly(valid, edge):
+    """`valid` nine times in ten, else `edge` (out of range or the wrong type)."""
+    return st.integers(0, 9).flatmap(lambda i: edge if i == 7 else valid)   # (hypothesis favours 0 and 9)
+
+
+COMMON = {
+    "max_tokens": mostly(st.integers(0, 6), st.sampled_from([-1, 65, 10 ** 9, 2 ** 63, 1.5, "8"])),
+    "temperature": mostly(st.floats(0, 2) | st.just(0.0), st.floats(-1, 0, exclude_max=True) | st.floats()),
+    "top_p": mostly(st.floats(0.01, 1), st.floats(-0.5, 1.5)), "top_k": mostly(st.integers(-1, 400), st.integers()),
+    "n": mostly(st.integers(1, 3), st.integers(-1, 200)),
+    "seed": mostly(st.integers(0, 2 ** 63 - 1), st.integers(-2 ** 65, 2 ** 65)),
+    "stop": mostly(st.text(min_size=1, max_size=3) | st.lists(st.text(min_size=1, max_size=3), max_size=3),
+                   st.lists(st.text(max_size=3), max_size=20)),
+    "stream": st.booleans(), "stream_options": st.sampled_from([{"include_usage": True}, {"include_usage": 1}, {}]),
+    "logprobs": mostly(st.integers(0, 20), st.integers(-1, 22)), "echo": st.booleans(),
+    "return_token_ids": st.booleans(), "user": st.text(max_size=4),
+}
+MODE_FIELDS = {
+    "full": {}, "prefix": {"max_stages": mostly(st.integers(1, 4), SMALL)},
+    "stage": {"stage": mostly(st.integers(0, 3), SMALL)},
+    "composition": {"stages": mostly(st.lists(st.integers(0, 3), min_size=1, max_size=4, unique=True),
+                                     st.lists(SMALL, max_size=5)),
+                    "stage_weights": st.lists(st.floats(-1, 3), max_size=5)},
+    "wand": {"safety": mostly(st.floats(0, 3), st.floats()),
+             "p99_bounds": mostly(st.lists(st.floats(0, 5) | st.just(math.inf), min_size=3, max_size=3),
+                                  st.lists(st.floats(), max_size=4))},
+    "speculative": {"draft_stage": mostly(st.integers(0, 2), SMALL),
+                    "k_draft": mostly(st.integers(1, 5) | st.just("auto"), SMALL | st.just("x"))},
+}
+PROMPTS = mostly(st.text(min_size=1, max_size=12) | st.lists(st.integers(0, 319), min_size=1, max_size=20)
+                 | st.lists(st.text(min_size=1, max_size=4), min_size=1, max_size=3),
+                 st.text(max_size=2) | st.lists(st.integers(-3, 700), max_size=70)
+                 | st.lists(st.lists(st.integers(0, 400), max_size=4), max_size=3))
+PLAUSIBLE = st.builds(lambda core, mode: {**core, **mode},
+                      st.fixed_dictionaries({"model": st.just(NAME), "prompt": PROMPTS}, optional=COMMON),
+                      mostly(st.sampled_from(list(MODE_FIELDS)), st.sampled_from(["deep", ""])).flatmap(
+                          lambda m: st.fixed_dictionaries(
+                              {"poe_mode": st.just(m), **{f: v for f, v in MODE_FIELDS.get(m, {}).items()
+                                                          if f in ("max_stages", "stage", "p99_bounds")}},
+                              optional={f: v for f, v in MODE_FIELDS.get(m, {}).items()
+                                        if f not in ("max_stages", "stage", "p99_bounds")})))
+FIELDS = ["model", "prompt", *COMMON, "poe_mode", *{f for fs in MODE_FIELDS.values() for f in fs}, "suffix",
+          "best_of", "logit_bias", "presence_penalty", "frequency_penalty", "messages"]
+MUTATED = st.builds(lambda body, key, value: {**body, key: value}, PLAUSIBLE, st.sampled_from(FIELDS), ANY_JSON)
+ARBITRARY = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=6), ANY_JSON, max_size=4) | ANY_JSON
+FUZZ_BODIES = st.integers(0, 9).flatmap(lambda i: PLAUSIBLE if i < 6 else MUTATED if i < 9 else ARBITRARY)
+
+
+def check_answer(r: httpx.Response) -> None:
+    """Any answer but a 5xx: an OpenAI error object, a completion, or an SSE stream ending with [DONE]."""
+    assert r.status_code in (200, 400, 404), (r.status_code, r.text[:300])
+    if r.status_code != 200:
+        err = r.json()["error"]
+        assert isinstance(err["message"], str) and err["message"] and "\n" not in err["message"]
+        assert err["type"] == "invalid_request_error"
+    elif r.headers["content-type"].startswith("text/event-stream"):
+        assert all("error" not in e for e in sse_events(r.text))
+    else:
+        assert r.json()["object"] == "text_completion"
+
+
+def fuzz_bodies(url: str, examples: int, derandomize: bool) -> None:
+    with httpx.Client(base_url=url, timeout=60) as c:
+        @settings(max_examples=examples, deadline=None, database=None, derandomize=derandomize,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        @given(body=FUZZ_BODIES, raw=st.sampled_from(["json", "json-nan", "cut", "bytes"]), junk=st.binary(max_size=8))
+        def fuzz(body, raw, junk):
+            data = json.dumps(body, allow_nan=True).encode()   # "json-nan" also sends NaN / Infinity literals
+            if raw == "json":
+                data = json.dumps(body, allow_nan=False, default=str).encode() if _finite_json(body) else data
+            elif raw == "cut":
+                data = data[: len(data) // 2]
+            elif raw == "bytes":
+                data = junk + data
+            check_answer(c.post("/v1/completions", content=data, headers={"Content-Type": "application/json"}))
+
+        fuzz()
+        assert c.get("/health").json()["status"] == "ok"
+        text = c.get("/metrics").text
+        assert not [line for line in text.splitlines() if line.startswith("poegpt_http_requests_total")
+                    and 'code="5' in line]
+
+
+def _finite_json(x) -> bool:
+    if isinstance(x, float):
+        return math.isfinite(x)
+    if isinstance(x, list):
+        return all(map(_finite_json, x))
+    if isinstance(x, dict):
+        return all(map(_finite_json, x.values()))
+    return True
+
+
+def test_fuzzed_request_bodies_never_get_a_500(server):
+    """Hypothesis draws request bodies (every field, plausible or arbitrary JSON, NaN and Infinity
+    literals, truncated JSON, bytes that are not UTF-8): each gets a completion or a 400/404 error
+    object, never a 5xx, and the server keeps serving."""
+    fuzz_bodies(server[0], 150, derandomize=True)          # the same 150 bodies every run
+
+
+@pytest.mark.slow
+def test_fuzzed_request_bodies_never_get_a_500_long(server):
+    fuzz_bodies(server[0], 2000, derandomize=False)        # new ones every run
+
+
+# --- `poegpt serve` in a subprocess ----------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ServeProcess:
+    """`poegpt serve` in a subprocess on a free loopback port, started on first use (and again if a
+    test stopped it). Its stderr goes to a file, so that a full pipe never blocks the server."""
+
+    def __init__(self, ckpt: Path, log: Path, *args: str):
+        self.ckpt, self.log, self.args = ckpt, log, args
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.proc = subprocess.Popen([sys.executable, "-m", "poegpt.cli", "serve", "--model", str(self.ckpt),
+                                      "--port", str(self.port), "--log-level", "warning", *self.args],
+                                     stdout=subprocess.DEVNULL, stderr=self.log.open("w"), cwd=ROOT)
+        deadline = time.monotonic() + 90
         while True:
-            assert proc.poll() is None, proc.stderr.read()
+            assert self.proc.poll() is None, self.stderr()
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
+                    return
             except httpx.TransportError:
                 pass
-            assert time.monotonic() < deadline
+            assert time.monotonic() < deadline, "poegpt serve did not become healthy in 90 s"
             time.sleep(0.1)
-        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-        r = c.completions.create(model="card", prompt="Once upon a time,", max_tokens=512, temperature=0.5)
-        assert r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens >= 1
-        assert r.usage.prompt_tokens + r.usage.completion_tokens <= 512
-    finally:
-        proc.terminate()
-        proc.wait(20)
-    assert "serving 'card'" in proc.stderr.read()
+
+    def stderr(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def card_model(tok):
+    return build_random_model(PoEConfig.from_preset("tiny", vocab_size=tok.vocab_size, sequence_len=512), seed=1)
+
+
+@pytest.fixture(scope="module")
+def proc_server(card_model, tok, tmp_path_factory):
+    from poegpt.checkpoint import save_checkpoint
+    d = tmp_path_factory.mktemp("serve")
+    save_checkpoint(d / "ckpt", card_model, tok, meta={"step": 0})
+    srv = ServeProcess(d / "ckpt", d / "stderr.txt", "--served-name", "card", "--max-batch", "8",
+                       "--max-queue", "64", "--timeout", "120", "--threads", "1")
+    yield srv
+    srv.stop()
+
+
+def soak_request(i: int, tok) -> dict:
+    """Client i's request: greedy or seeded sampling, in a static mode or speculative, text or ids."""
+    prompt = SENTENCES[i % 5][: 4 + 3 * (i % 7)] if i % 3 else tok.encode(SENTENCES[(i + 2) % 5])[: 3 + i % 11]
+    body = {"model": "card", "prompt": prompt, "temperature": 0.0}
+    if i % 2:
+        body.update(temperature=0.9, top_p=0.95, seed=1000 + i)
+    mode = ["full", "full", "prefix", "stage", "composition", "speculative"][i % 6]
+    body["poe_mode"] = mode
+    body.update({"prefix": {"max_stages": 2}, "stage": {"stage": 1}, "composition": {"stages": [0, 3]},
+                 "speculative": {"draft_stage": i % 3}}.get(mode, {}))
+    return body
+
+
+def read_stream(url: str, body: dict) -> dict:
+    """A streaming request over raw HTTP: the text per choice, its finish reasons, usage, and the SSE checks."""
+    with httpx.Client(timeout=120) as c:
+        raw = c.post(url + "/v1/completions", json={**body, "stream": True,
+                                                    "stream_options": {"include_usage": True}}).text
+    events = sse_events(raw)                     # ends with exactly "data: [DONE]\n\n"
+    assert raw.count("data: [DONE]") == 1 and all("error" not in e for e in events)
+    return {"text": "".join(e["choices"][0]["text"] for e in events[:-1]),
+            "finish": [e["choices"][0]["finish_reason"] for e in events[:-1] if e["choices"][0]["finish_reason"]],
+            "usage": events[-1]["usage"], "last_is_usage": events[-1]["choices"] == []}
+
+
+def read_openai_stream(url: str, body: dict) -> dict:
+    """The same through the openai client's streaming iterator."""
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+    body = dict(body)
+    kw = {k: body.pop(k) for k in ("model", "prompt", "temperature", "top_p", "seed") if k in body}
+    chunks = list(client.completions.create(**kw, max_tokens=body.pop("max_tokens"), stream=True,
+                                            stream_options={"include_usage": True}, extra_body=body))
+    return {"text": "".join(ch.choices[0].text for ch in chunks[:-1]),
+            "finish": [ch.choices[0].finish_reason for ch in chunks[:-1] if ch.choices[0].finish_reason],
+            "usage": chunks[-1].usage.model_dump(exclude_none=True), "last_is_usage": chunks[-1].choices == []}
+
+
+def soak(url: str, tok, model, rounds: int, max_tokens: int, clients: int = 32) -> None:
+    """`clients` streaming clients at once, `rounds` times: every stream is complete and equals the same
+    request served alone, and the usage of all of them adds up to the /metrics counters."""
+    bodies = [{**soak_request(r * clients + i, tok), "max_tokens": max_tokens}
+              for r in range(rounds) for i in range(clients)]
+    alone_ = []
+    with httpx.Client(base_url=url, timeout=120) as c:
+        for b in bodies:                         # one at a time: each request served alone
+            alone_.append(c.post("/v1/completions", json={**b, "return_token_ids": True}).json())
+    for b, a in zip(bodies[:6], alone_):         # and alone, the server equals the model's own method
+        if b["temperature"] == 0 and b["poe_mode"] == "full":
+            ids = tok.encode(b["prompt"]) if isinstance(b["prompt"], str) else b["prompt"]
+            assert a["choices"][0]["token_ids"] == alone(model, tok, ids, max_tokens)
+    before = httpx.get(url + "/metrics").text
+    got = [None] * len(bodies)
+    for r in range(rounds):
+        barrier = threading.Barrier(clients)
+
+        def client(i):
+            k = r * clients + i
+            barrier.wait(30)                     # all connect at once
+            try:
+                got[k] = (read_stream if i % 2 else read_openai_stream)(url, bodies[k])
+            except BaseException as e:           # noqa: BLE001 - reported below
+                got[k] = e
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+    after = httpx.get(url + "/metrics").text
+    for k, (b, g, a) in enumerate(zip(bodies, got, alone_)):
+        assert isinstance(g, dict), (k, g)
+        want = a["choices"][0]
+        assert g["text"] == want["text"], (k, b)
+        assert g["finish"] == [want["finish_reason"]] and g["last_is_usage"], (k, g["finish"])
+        assert g["usage"] == a["usage"], k
+    usage = [g["usage"] for g in got]
+    d = {name: metric_sum(after, name) - metric_sum(before, name)
+         for name in ("poegpt_generation_tokens_total", "poegpt_prompt_tokens_total", "poegpt_requests_total",
+                      "poegpt_sequences_finished_total")}
+    assert d["poegpt_generation_tokens_total"] == sum(u["completion_tokens"] for u in usage)
+    assert d["poegpt_prompt_tokens_total"] == sum(u["prompt_tokens"] for u in usage)
+    assert d["poegpt_requests_total"] == d["poegpt_sequences_finished_total"] == len(bodies)
+    assert metric(after, "poegpt_http_requests_total", route="/v1/completions", code="200") \
+        - metric(before, "poegpt_http_requests_total", route="/v1/completions", code="200") == len(bodies)
+    assert metric_sum(after, "poegpt_running_sequences") == 0 and metric(after, "poegpt_queue_depth") == 0
+    steps = metric(after, "poegpt_decode_batch_size_count") - metric(before, "poegpt_decode_batch_size_count")
+    rows = metric(after, "poegpt_decode_batch_size_sum") - metric(before, "poegpt_decode_batch_size_sum")
+    assert rows / steps > 2, "the clients were not batched together"
+
+
+def test_soak_32_streaming_clients(proc_server, tok, card_model):
+    soak(proc_server.url, tok, card_model, rounds=2, max_tokens=12)
+
+
+@pytest.mark.slow
+def test_soak_32_streaming_clients_long(proc_server, tok, card_model):
+    soak(proc_server.url, tok, card_model, rounds=6, max_tokens=64)
+
+
+def abandon(url: str, count: int, max_tokens: int) -> None:
+    """`count` long requests whose clients go away (half streaming, half not) leave the server able to
+    answer a short request within seconds, with nothing running or queued and every one cancelled."""
+    before = httpx.get(url + "/metrics").text
+    body = {"model": "card", "prompt": "The quick brown fox", "max_tokens": max_tokens, "temperature": 1.0}
+    started = threading.Barrier(count)
+
+    def client(i):
+        started.wait(30)
+        if i % 2:
+            with httpx.Client(timeout=60) as c, c.stream("POST", url + "/v1/completions",
+                                                        json={**body, "stream": True, "seed": i}) as r:
+                assert r.status_code == 200
+                time.sleep(0.2)                  # gone after the headers (and maybe a few chunks)
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url + "/v1/completions", json={**body, "seed": i},
+                           timeout=httpx.Timeout(30, read=0.4))   # gives up waiting for the answer only
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    t0 = time.monotonic()
+    r = httpx.post(url + "/v1/completions", json={**body, "max_tokens": 3, "temperature": 0}, timeout=30)
+    answered = time.monotonic() - t0
+    assert r.status_code == 200 and answered < 10, (r.status_code, answered)
+    deadline = time.monotonic() + 10
+    while True:
+        text = httpx.get(url + "/metrics").text
+        if metric_sum(text, "poegpt_running_sequences") == 0 and metric(text, "poegpt_queue_depth") == 0:
+            break
+        assert time.monotonic() < deadline, "abandoned requests are still running"
+        time.sleep(0.05)
+    finished = {reason: metric(text, "poegpt_sequences_finished_total", mode="full", reason=reason)
+                - metric(before, "poegpt_sequences_finished_total", mode="full", reason=reason)
+                for reason in ("cancelled", "stop", "length")}
+    assert finished["length"] == 1                  # the short one; no abandoned one ran to its end
+    assert finished["cancelled"] + finished["stop"] == count and finished["cancelled"] >= count - 5
+    generated = metric(text, "poegpt_generation_tokens_total", mode="full") \
+        - metric(before, "poegpt_generation_tokens_total", mode="full")
+    assert generated < count * max_tokens / 4
+
+
+def test_abandoned_long_requests_free_the_server(proc_server):
+    abandon(proc_server.url, 50, 400)
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_cleanly(proc_server):
+    """SIGTERM: the port stops taking connections at once, the streams and the request in flight
+    finish (complete, with [DONE]), and the process exits with status 0."""
+    url = proc_server.url
+    body = {"model": "card", "prompt": "Once upon a time,", "max_tokens": 200, "temperature": 0.7}
+    chunk_times, results = [[] for _ in range(3)], [None] * 4
+    first = threading.Barrier(4)
+
+    def stream(i):
+        with httpx.Client(timeout=120) as c, c.stream("POST", url + "/v1/completions",
+                                                      json={**body, "seed": i, "stream": True}) as r:
+            lines = []
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    if not lines:
+                        first.wait(30)
+                    lines.append(line)
+                    chunk_times[i].append(time.monotonic())
+        results[i] = "\n\n".join(lines) + "\n\n"
+
+    def whole():
+        results[3] = httpx.post(url + "/v1/completions", json={**body, "seed": 9}, timeout=120)
+
+    threads = [threading.Thread(target=whole)] + [threading.Thread(target=stream, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    first.wait(30)                               # every stream has its first chunk (and `whole` was sent before)
+    time.sleep(0.1)
+    signalled = time.monotonic()
+    proc_server.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while True:                                  # new connections are refused (or told 503) within moments
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 503:
+                break
+        except httpx.TransportError:
+            break
+        assert time.monotonic() < deadline, "still taking new requests after SIGTERM"
+        time.sleep(0.05)
+    for t in threads:
+        t.join(120)
+    assert proc_server.proc.wait(60) == 0
+    for i in range(3):
+        events = sse_events(results[i])
+        assert all("error" not in e for e in events) and events[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+        if events[-1]["choices"][0]["finish_reason"] == "length":
+            assert events[-1]["choices"][0]["poe"]["tokens"] == 200
+    assert results[3].status_code == 200 and results[3].json()["choices"][0]["finish_reason"] in ("length", "stop")
+    assert max(max(ts) for ts in chunk_times) > signalled, "nothing was in flight when SIGTERM came"
+    err = proc_server.stderr()
+    assert "serving 'card'" in err and "draining" in err and "poegpt: stopped" in err
