@@ -137,7 +137,8 @@ def filter_logprobs(logp: torch.Tensor, temperature: float, top_k: int | None, t
     if top_p is not None and top_p < 1:
         sorted_lp, order = torch.sort(logp, dim=-1, descending=True)
         probs = sorted_lp.exp()
-        drop = probs.cumsum(-1) - probs >= top_p                    # mass strictly above; the top token stays
+        drop = probs.cumsum(-1) - probs >= top_p                    # mass strictly above the token
+        drop[..., 0] = False                    # the top token always stays (top_p may underflow to 0 here)
         logp = logp.scatter(-1, order, sorted_lp.masked_fill(drop, float("-inf")))
     return F.log_softmax(logp, dim=-1)
 

@@ -286,3 +286,13 @@ def test_stream_text_never_splits_characters_and_honours_stop(trained_model):
     assert "".join(d for _, d, _ in out) == text[: text.index("STOP")] and out[-1][2] == "stop"
     out = list(stream_text(tok, ([[t]] for t in ids[:5] + [tok.bos_id] + ids[5:]), 1, eos_token_id=tok.bos_id))
     assert out[-1][2] == "stop" and "".join(d for _, d, _ in out) == tok.decode(ids[:5])
+
+
+def test_top_p_keeps_the_top_token_even_when_it_underflows():
+    from poegpt.engine import filter_logprobs
+    logp = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.5, -1.0]]), -1)
+    for p in (1e-300, 1e-6, 0.3):
+        out = filter_logprobs(logp, 1.0, None, p)
+        assert torch.isfinite(out[0, 0]) and out[0, 0].item() == 0.0 and torch.isinf(out[0, 1:]).all()
+    out = filter_logprobs(logp, 1.0, None, 0.9)
+    assert torch.isfinite(out[0, :2]).all() and torch.isinf(out[0, 3])
