@@ -82,8 +82,9 @@ def one_request(client: httpx.Client, body: dict) -> dict:
             "itl": [b - a for a, b in zip(times, times[1:])]}
 
 
-def run_cell(url: str, name: str, concurrency: int, n_requests: int, seconds: float, body_extra: dict,
-             a) -> dict:
+def drive(url: str, concurrency: int, n_requests: int, body_for, seconds: float = float("inf")) -> dict:
+    """`concurrency` client threads send streaming requests `body_for(i)`, i < n_requests, until all are
+    sent or `seconds` have passed; returns throughput and TTFT / inter-token / latency percentiles."""
     results, errors = [], []
     lock = threading.Lock()
     counter = iter(range(n_requests))
@@ -96,11 +97,8 @@ def run_cell(url: str, name: str, concurrency: int, n_requests: int, seconds: fl
                     i = next(counter, None)
                 if i is None or time.perf_counter() > stop_at:
                     return
-                body = {"model": name, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": a.max_tokens,
-                        "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
-                        "return_token_ids": True, **body_extra}
                 try:
-                    r = one_request(c, body)
+                    r = one_request(c, body_for(i))
                 except Exception as e:  # reported, not fatal: the table shows how many failed
                     with lock:
                         errors.append(str(e))
@@ -108,18 +106,13 @@ def run_cell(url: str, name: str, concurrency: int, n_requests: int, seconds: fl
                 with lock:
                     results.append(r)
 
-    with httpx.Client(base_url=url, timeout=60) as c:
-        before = scrape(c)
-        t0 = time.perf_counter()
-        threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
-        after = scrape(c)
-    steps = after.get("poegpt_decode_batch_size_count", 0) - before.get("poegpt_decode_batch_size_count", 0)
-    rows = after.get("poegpt_decode_batch_size_sum", 0) - before.get("poegpt_decode_batch_size_sum", 0)
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
     lat = [r["latency"] for r in results]
     ttft = [r["ttft"] for r in results]
     itl = [g for r in results for g in r["itl"]]
@@ -129,8 +122,24 @@ def run_cell(url: str, name: str, concurrency: int, n_requests: int, seconds: fl
             "tok_s": tokens / wall, "req_s": len(results) / wall,
             "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
             "itl_p50": percentile(itl, 50), "itl_p99": percentile(itl, 99),
-            "latency_p50": percentile(lat, 50), "latency_p99": percentile(lat, 99),
-            "mean_batch_rows": rows / steps if steps else float("nan")}
+            "latency_p50": percentile(lat, 50), "latency_p90": percentile(lat, 90),
+            "latency_p99": percentile(lat, 99)}
+
+
+def run_cell(url: str, name: str, concurrency: int, n_requests: int, seconds: float, body_extra: dict,
+             a) -> dict:
+    def body_for(i: int) -> dict:
+        return {"model": name, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": a.max_tokens,
+                "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+                "return_token_ids": True, **body_extra}
+
+    with httpx.Client(base_url=url, timeout=60) as c:
+        before = scrape(c)
+        result = drive(url, concurrency, n_requests, body_for, seconds)
+        after = scrape(c)
+    steps = after.get("poegpt_decode_batch_size_count", 0) - before.get("poegpt_decode_batch_size_count", 0)
+    rows = after.get("poegpt_decode_batch_size_sum", 0) - before.get("poegpt_decode_batch_size_sum", 0)
+    return {**result, "mean_batch_rows": rows / steps if steps else float("nan")}
 
 
 def launch(model: str | None, max_batch: int, threads: int | None) -> tuple[subprocess.Popen, str]:

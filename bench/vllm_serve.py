@@ -31,7 +31,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -39,7 +38,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from serve import PROMPTS, one_request, percentile  # noqa: E402  (bench/serve.py)
+from serve import PROMPTS, drive  # noqa: E402  (bench/serve.py)
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": "1",
        "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
@@ -80,41 +79,10 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def run_level(url: str, model: str, concurrency: int, n_requests: int, max_tokens: int) -> dict:
-    results, errors = [], []
-    lock = threading.Lock()
-    counter = iter(range(n_requests))
-
-    def worker():
-        with httpx.Client(base_url=url, timeout=600) as c:
-            while True:
-                with lock:
-                    i = next(counter, None)
-                if i is None:
-                    return
-                body = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
-                        "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
-                try:
-                    r = one_request(c, body)
-                except Exception as e:   # counted, not fatal
-                    with lock:
-                        errors.append(str(e))
-                    continue
-                with lock:
-                    results.append(r)
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    lat = [r["latency"] for r in results]
-    tokens = sum(r["tokens"] for r in results)
-    return {"concurrency": concurrency, "requests": len(results), "errors": len(errors),
-            "first_error": errors[0] if errors else None, "tokens": tokens, "seconds": wall,
-            "tok_s": tokens / wall, "req_s": len(results) / wall, "latency_p50": percentile(lat, 50),
-            "latency_p90": percentile(lat, 90), "ttft_p50": percentile([r["ttft"] for r in results], 50)}
+    def body_for(i: int) -> dict:
+        return {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
+                "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+    return drive(url, concurrency, n_requests, body_for)
 
 
 def median_level(runs: list[dict]) -> dict:
