@@ -37,9 +37,9 @@ BATCH_TEXTS = ["Hello", "The quick brown fox jumps over the lazy dog", "대한�
 LM_EVAL_DOCS = [{"question": "The capital of France is", "choices": ["Paris", "London", "Berlin"], "answer": 0},
                 {"question": "대한민국의 수도는", "choices": ["서울", "부산"], "answer": 0}]
 
-# Runs in a fresh interpreter (python -I) with poegpt made unimportable; writes what it computed.
-REMOTE_SCRIPT = r'''
-import inspect, json, sys
+# Every script below runs in a fresh interpreter (python -I) where poegpt cannot be imported.
+BLOCK_POEGPT = r'''
+import sys
 
 
 class BlockPoegpt:
@@ -49,6 +49,22 @@ class BlockPoegpt:
 
 
 sys.meta_path.insert(0, BlockPoegpt())
+'''
+
+
+def run_without_poegpt(script: str, args: list, work: Path, name: str) -> None:
+    """Write `script` (after the poegpt blocker) to work/name and run it offline, poegpt unimportable."""
+    (work / name).write_text(BLOCK_POEGPT + script)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", HF_HOME=str(work / "hf_home"))
+    r = subprocess.run([sys.executable, "-I", str(work / name), *map(str, args)], cwd=work, env=env,
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
+# Loads the tiny export and writes what it computed.
+REMOTE_SCRIPT = r'''
+import inspect, json
 folder, work = sys.argv[1], sys.argv[2]
 import torch
 from safetensors.torch import save_file
@@ -175,12 +191,7 @@ def remote(exported):
         f"    test: {work / 'task' / 'docs.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
         'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: answer\n'
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
-    (work / "remote.py").write_text(REMOTE_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", HF_HOME=str(root / "hf_home"))
-    r = subprocess.run([sys.executable, "-I", str(work / "remote.py"), str(exported["folder"]), str(work)],
-                       cwd=work, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
+    run_without_poegpt(REMOTE_SCRIPT, [exported["folder"], work], work, "remote.py")
     return json.loads((work / "results.json").read_text()), load_file(work / "tensors.safetensors"), inputs
 
 
@@ -438,16 +449,7 @@ def test_lm_eval_cli_on_a_local_task(exported, remote):
 # The model card's own snippets, as written (the local folder in place of the hub id), on the export of
 # the shipped demo model; poegpt is unimportable in the subprocess.
 CARD_SCRIPT = r'''
-import json, sys
-
-
-class BlockPoegpt:
-    def find_spec(self, name, path=None, target=None):
-        if name == "poegpt" or name.startswith("poegpt."):
-            raise ImportError(f"{name} is blocked")
-
-
-sys.meta_path.insert(0, BlockPoegpt())
+import json
 repo, out_file = sys.argv[1], sys.argv[2]
 res = {}
 # --- the card, "Transformers" ---
@@ -487,12 +489,7 @@ def test_card_snippets_on_the_exported_demo_model(tmp_path):
     """The shipped demo model exported and loaded exactly as the card shows equals native poegpt."""
     from poegpt.checkpoint import DEMO_MODEL_DIR
     folder = export_hf(DEMO_MODEL_DIR, tmp_path / "poegpt-demo")
-    (tmp_path / "card.py").write_text(CARD_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", HF_HOME=str(tmp_path / "hf_home"))
-    r = subprocess.run([sys.executable, "-I", str(tmp_path / "card.py"), str(folder), str(tmp_path / "out.json")],
-                       cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
+    run_without_poegpt(CARD_SCRIPT, [folder, tmp_path / "out.json"], tmp_path, "card.py")
     res = json.loads((tmp_path / "out.json").read_text())
     assert res["auto_dtype"] == "torch.bfloat16"                           # the demo ships bf16 weights
     assert res["sampled_text"].startswith("대한민국의 수도는") and len(res["sampled_text"]) > len("대한민국의 수도는")
