@@ -43,15 +43,11 @@ def test_demo_ships_calibration_and_its_eval_report(demo):
         assert (DEMO_MODEL_DIR / "eval" / plot).stat().st_size > 0
 
 
-def test_demo_speculative_and_wand_reproduce_full_greedy(demo):
+def test_demo_wand_with_infinite_bounds_reproduces_full_greedy(demo):
+    # (speculative == full greedy on these weights: tests/test_engine.py, which="demo")
     model, tok = demo
-    ids = [tok.encode(p) for p in PROMPTS]
-    for row in ids:
-        full = model.generate([row], max_new_tokens=12)
-        for d in range(model.config.n_stages - 1):
-            for k in (1, 3):
-                assert torch.equal(model.generate_speculative([row], draft_stage=d, k_draft=k, max_new_tokens=12),
-                                   full), (tok.decode(row), d, k)
-        inf = [float("inf")] * (model.config.n_stages - 1)
-        assert torch.equal(model.generate_wand([row], max_new_tokens=12, p99_bounds=inf), full)
-
+    inf = [float("inf")] * (model.config.n_stages - 1)
+    for p in PROMPTS:
+        row = tok.encode(p)
+        assert torch.equal(model.generate_wand([row], max_new_tokens=12, p99_bounds=inf),
+                           model.generate([row], max_new_tokens=12))

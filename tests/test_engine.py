@@ -129,11 +129,20 @@ def test_modes_run_only_the_layers_they_need(model, spec, layers):
     assert len(decode) == 4 * layers                          # 4 decode steps (the 5th token needs none)
 
 
-@pytest.mark.parametrize("which", ["random", "trained"])
-def test_speculative_greedy_is_identical_to_full_greedy(model, trained_model, which):
-    m = model if which == "random" else trained_model[0]
-    rows = prompts(3, seed=2) if which == "random" else [trained_model[1].encode(t) for t in
-                                                         ["The capital of France is", "대한민국의 수도는", "def f(x):"]]
+@pytest.fixture(scope="module")
+def demo_model():
+    """The shipped demo model (poegpt/assets/demo)."""
+    from poegpt.checkpoint import load_model
+    return load_model(None)
+
+
+@pytest.mark.parametrize("which", ["random", "trained", "demo"])
+def test_speculative_greedy_is_identical_to_full_greedy(model, request, which):
+    if which == "random":
+        m, rows = model, prompts(3, seed=2)
+    else:
+        m, tok = request.getfixturevalue(f"{which}_model")
+        rows = [tok.encode(t) for t in ["The capital of France is", "대한민국의 수도는", "def f(x):"]]
     for B in (1, 3):
         ids = rows[:B]
         full = m.generate(ids, max_new_tokens=16)
@@ -143,7 +152,7 @@ def test_speculative_greedy_is_identical_to_full_greedy(model, trained_model, wh
                                                   return_acceptance=True)
                 assert torch.equal(out, full), (B, d, k)
                 assert 0.0 <= acc <= 1.0
-    if which == "trained":   # a trained draft agrees with the verifier well above chance
+    if which != "random":    # a trained draft agrees with the verifier well above chance
         _, acc = m.generate_speculative(rows[:1], draft_stage=2, k_draft=3, max_new_tokens=24, return_acceptance=True)
         assert acc > 0.3
 
