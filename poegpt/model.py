@@ -58,6 +58,9 @@ def attention_mask(q_pos0: int, n_q: int, n_k: int, window: int, device) -> torc
     return window_mask(torch.arange(q_pos0, q_pos0 + n_q, device=device), n_k, window)
 
 
+WINDOW_BLOCK = 128   # the smallest query block of windowed_attention
+
+
 def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, window: int,
                        gqa: bool = False) -> torch.Tensor:
     """Causal sliding-window attention of T queries at positions pos..pos+T-1 over keys 0..pos+T-1:
@@ -79,9 +82,6 @@ def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: i
                                                  attn_mask=mask, is_causal=mask is None and e - s > 1,
                                                  enable_gqa=gqa))
     return ys[0] if len(ys) == 1 else torch.cat(ys, 2)
-
-
-WINDOW_BLOCK = 128
 
 
 def window_mask(q_pos: torch.Tensor, n_k: int, window: int) -> torch.Tensor:
