@@ -55,7 +55,6 @@ MAX_CHOICES = 128          # prompts x n in one request
 MAX_STOP = 16
 DEFAULT_MAX_TOKENS = 16    # OpenAI's default for the completions API
 MIN_TEMPERATURE = 0.01     # a positive temperature below this samples at this (vLLM's rule)
-MIN_TOP_P = 1e-6           # a positive top_p below this keeps the top token only, as this does
 
 POE_FIELDS = {"max_stages": "prefix", "stage": "stage", "stages": "composition", "stage_weights": "composition",
               "safety": "wand", "p99_bounds": "wand", "draft_stage": "speculative", "k_draft": "speculative"}
@@ -287,9 +286,6 @@ def parse_completion(body, model, tokenizer, served_name: str) -> CompletionJob:
     if 0 < temperature < MIN_TEMPERATURE:
         temperature = MIN_TEMPERATURE      # as vLLM does: below it, log-probs / T overflow to inf (found by the fuzz)
     top_p = _number(body, "top_p", None)
-    if top_p is not None and 0 < top_p < MIN_TOP_P:
-        top_p = MIN_TOP_P                  # the same nucleus (the top token alone, for any vocabulary under a
-        # million), but one float32 can hold: a smaller one rounds to 0 there and drops every token
     top_k = body.get("top_k")
     if top_k in (-1, 0):                   # vLLM's spelling of "no top-k"
         top_k = None
