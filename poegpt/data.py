@@ -14,8 +14,9 @@ Three pieces, each usable on its own:
    at a document start and are packed full (nanochat's crop rule: no padding); train documents are
    shuffled per epoch and case-augmented (the card: p=0.15, lower or upper 50/50). The validation
    split is read once, in order, as one stream cut into consecutive rows, so every validation token
-   is scored (cropping would drop most of each long document). The loader's position is a tiny dict, so resuming is exact, and
-   every data-parallel rank derives its rows from the same global stream.
+   is scored (cropping would drop most of each long document). The loader's position is a tiny
+   dict, so resuming is exact, and every data-parallel rank derives its rows from the same global
+   stream.
 
 Share semantics: `base` shares are fractions of the base mix and sum to 1. `overlay` shares are extra
 weight on top of it: an overlay with share 0.05 adds 5% of the base mix's train tokens (the card's
@@ -805,8 +806,7 @@ class TokenLoader:
         if self.num_docs == 0:
             raise PoEError(f"the {split} split of {self.data_dir} is empty; "
                            f"prepare with more data (or val_fraction > 0 for a val split)")
-        self.epoch, self.pos = 0, 0
-        self._val_carry = np.zeros(0, dtype=np.int64)
+        self.reset()
         self._perm_epoch, self._perm = None, None
         self.num_batches = self._count_val_batches() if split == "val" else None
         if self.num_batches == 0:
@@ -882,15 +882,11 @@ class TokenLoader:
     def _next_val_row(self) -> np.ndarray:
         """Validation reads the split as one stream in file order: row i is tokens [i·T, i·T + T + 1),
         so every token but the first is scored exactly once and no document is cropped away."""
-        need = self.seq_len + 1
-        parts, have = [self._val_carry], len(self._val_carry)
-        while have < need:
-            n, tokens = self._next_doc(True)
-            parts.append(tokens)
-            have += n
-        stream = np.concatenate(parts).astype(np.int64, copy=False)
-        self._val_carry = stream[self.seq_len:]  # the row's last token starts the next row
-        return stream[:need]
+        while len(self._val_carry) < self.seq_len + 1:
+            self._val_carry = np.concatenate([self._val_carry, self._next_doc(True)[1]]).astype(np.int64, copy=False)
+        row = self._val_carry[:self.seq_len + 1]
+        self._val_carry = self._val_carry[self.seq_len:]  # a view: the row's last token starts the next row
+        return row
 
     def _next_row(self, materialize: bool) -> np.ndarray | None:
         if self.split == "val":
