@@ -13,6 +13,7 @@ emit EOS stop; text-level stop strings and streaming live in `stream_text`.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -156,6 +157,26 @@ def pick(logp: torch.Tensor, sampling: Sampling, generator: torch.Generator | No
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+@contextmanager
+def one_row_matmuls(model, rows: int):
+    """Run a step whose matmuls have a single row (batch 1, one token) on ATen's own bf16 GEMV.
+
+    On CPU, oneDNN's bf16 matmul costs ~20-30 µs per call before any work at M = 1, and streams a
+    large matrix at about half the rate of ATen's GEMV: measured here 2-3x slower on the demo
+    model's 256-wide matrices and ~2x on the 1.5B preset's MLP and head (docs/benchmarks.md). From
+    two rows on oneDNN wins, so only one-row steps switch. The switch is process-global (torch has
+    no per-call choice), so it is held for the step only, never across a yield."""
+    p = model.lm_head.weight
+    if rows != 1 or p.device.type != "cpu" or p.dtype != torch.bfloat16 or not torch._C._get_mkldnn_enabled():
+        yield
+        return
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(True)
+
+
 def new_cache(model, batch: int, max_len: int) -> KVCache:
     p = model.rope_cos
     dtype = next(model.parameters()).dtype
@@ -275,11 +296,12 @@ def decode_static(model, rows: list[list[int]], mix: StageMix, max_new_tokens: i
         yield nxt
         if step + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
             return
-        if fast is not None:
-            logp = fast(nxt, pos)
-            pos = pos + 1
-        else:
-            logp = mix.logprobs(model, [h[:, -1] for h in model.trunk(nxt[:, None], mix.depth, cache)], heads)
+        with one_row_matmuls(model, B):
+            if fast is not None:
+                logp = fast(nxt, pos)
+                pos = pos + 1
+            else:
+                logp = mix.logprobs(model, [h[:, -1] for h in model.trunk(nxt[:, None], mix.depth, cache)], heads)
 
 
 def finish_rows(tokens: list[list[int]], eos_token_id: int | None) -> list[list[int]]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .engine import Generation, Sampling, StageMix, check_prompts, new_cache, sampling_logprobs, to_rows
+from .engine import Generation, Sampling, StageMix, check_prompts, new_cache, one_row_matmuls, sampling_logprobs, to_rows
 from .errors import PoEError
 from .model import TrunkState
 
@@ -142,13 +142,14 @@ def speculative_steps(model, rows: list[list[int]], draft_stage: int, k_draft, m
         i = 0
         while True:                             # pass k only readies the last draft for verification
             pos = _positions(cache.lengths, i, 1, device)
-            x = model.embed(tokens[-1][:, None], cache, pos)
-            state, hs = run_stages(model, TrunkState(x, x), tokens[-1][:, None], 0, draft_stage + 1, pos, cache)
-            states.append(state)
-            shallow.append(hs)
-            if i == k:
-                break
-            q = draft_mix.logprobs(model, [h[:, -1] for h in hs])
+            with one_row_matmuls(model, B):
+                x = model.embed(tokens[-1][:, None], cache, pos)
+                state, hs = run_stages(model, TrunkState(x, x), tokens[-1][:, None], 0, draft_stage + 1, pos, cache)
+                states.append(state)
+                shallow.append(hs)
+                if i == k:
+                    break
+                q = draft_mix.logprobs(model, [h[:, -1] for h in hs])
             q = q if sampling.greedy else sampling_logprobs(q, sampling)
             draft_logps.append(q)
             tokens.append(q.argmax(-1) if sampling.greedy

@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .engine import Generation, check_prompts, new_cache, to_rows
+from .engine import Generation, check_prompts, new_cache, one_row_matmuls, to_rows
 from .errors import PoEError
 from .model import TrunkState
 from .speculative import _cat_states, run_stages
@@ -97,8 +97,10 @@ def wand_row_steps(model, prompt: list[int], max_new_tokens: int, safety: float,
     for n in range(1, max_new_tokens + 1):
         score = None
         for j in range(K):
-            h = walker.run_stage(j, state, idx) if j == 0 else walker.run_stage(j)
-            logp = F.log_softmax(model.stage_logits(h[0], j), -1)
+            rows = idx.size(1) if j == 0 else len(walker.pending[j - 1])
+            with one_row_matmuls(model, rows):
+                h = walker.run_stage(j, state, idx) if j == 0 else walker.run_stage(j)
+                logp = F.log_softmax(model.stage_logits(h[0], j), -1)
             score = logp if score is None else score + logp
             a, margin = margin_and_argmax(score)
             if j == K - 1 or margin >= safety * bounds[j]:

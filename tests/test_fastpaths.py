@@ -91,3 +91,25 @@ def test_compiled_step_equals_eager_step(model):
             a, b = eager(tok, pos), compiled(tok, pos)
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
             tok, pos = a.argmax(-1), pos + 1
+
+
+def test_one_row_matmuls_switches_only_bf16_single_row_steps_and_restores():
+    """ATen's GEMV replaces oneDNN for bf16 one-row steps on CPU only, for the step only (even when it fails)."""
+    from poegpt.engine import one_row_matmuls
+    fp32 = build_random_model(seed=1)
+    bf16 = build_random_model(seed=1).to(torch.bfloat16)
+    assert torch._C._get_mkldnn_enabled()
+    with one_row_matmuls(bf16, 1):
+        assert not torch._C._get_mkldnn_enabled()
+    for model, rows in ((bf16, 2), (fp32, 1)):
+        with one_row_matmuls(model, rows):
+            assert torch._C._get_mkldnn_enabled()
+    with pytest.raises(RuntimeError, match="inside"):
+        with one_row_matmuls(bf16, 1):
+            raise RuntimeError("inside")
+    assert torch._C._get_mkldnn_enabled()
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    w = torch.randn(96, 64, dtype=torch.bfloat16)
+    with one_row_matmuls(bf16, 1):
+        gemv = F.linear(x, w)
+    torch.testing.assert_close(gemv, F.linear(x, w), rtol=1e-2, atol=1e-2)   # the same product, other rounding
