@@ -198,11 +198,7 @@ class DecodeStep:
         self.cache = new_cache(model, batch, max_len)
         self.cache.full_view = True
         self.heads = [model.head_weight(k) for k in mix.stages]
-        # emulate_precision_casts: fused bf16 element-wise chains round where eager rounds, so compiled
-        # greedy tokens equal eager ones in bf16 too (without it 1 of 8 demo prompts drifts; ~8 % slower)
-        options = {"emulate_precision_casts": True} if backend == "inductor" else None
-        self.fn = self._logprobs if backend is None else torch.compile(self._logprobs, backend=backend, dynamic=False,
-                                                                        options=options)
+        self.fn = compiled(self._logprobs, backend)
 
     def _logprobs(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         hs = self.model.trunk(tok[:, None], self.mix.depth, self.cache, pos=pos[:, None])
@@ -213,27 +209,48 @@ class DecodeStep:
         return self.fn(tok, pos)
 
 
+def compiled(fn, backend: str | None):
+    """`fn` under torch.compile at fixed shapes (None: `fn` itself, the same step eager)."""
+    if backend is None:
+        return fn
+    # emulate_precision_casts: fused bf16 element-wise chains round where eager rounds, so compiled
+    # greedy tokens equal eager ones in bf16 too (without it 1 of 8 demo prompts drifts; ~8 % slower)
+    options = {"emulate_precision_casts": True} if backend == "inductor" else None
+    return torch.compile(fn, backend=backend, dynamic=False, options=options)
+
+
 STEP_SLOTS = 64     # cache sizes are rounded up to a multiple of this, so generations share compiled steps
 MAX_STEPS = 8       # compiled steps kept per model
 
 
-def decode_step(model, mix: StageMix, batch: int, need: int) -> DecodeStep:
-    """The model's compiled step for (mix, batch, a cache of >= need slots), built on first use.
-    Built again when the weights change (the summed heads are taken at build time)."""
-    max_len = min(model.config.sequence_len, -(-need // STEP_SLOTS) * STEP_SLOTS)
+def step_slots(model, need: int) -> int:
+    return min(model.config.sequence_len, -(-need // STEP_SLOTS) * STEP_SLOTS)
+
+
+def cached_step(model, key: tuple, build):
+    """The model's step for `key`, built by `build()` on first use and kept in a small LRU. Built
+    again when the weights change (the summed heads are taken at build time)."""
     p = model.lm_head.weight
-    key = (mix, batch, max_len, p.dtype, p.device, tuple(w._version for w in model.parameters()))
+    key = key + (p.dtype, p.device, tuple(w._version for w in model.parameters()))
     steps = model.__dict__.setdefault("_decode_steps", {})
-    step = steps.pop(key, None) or DecodeStep(model, mix, batch, max_len, model.compile_decode)
+    step = steps.pop(key, None) or build()
     steps[key] = step                                        # most recently used last
     while len(steps) > MAX_STEPS:
         steps.pop(next(iter(steps)))
     return step
 
 
+def decode_step(model, mix: StageMix, batch: int, need: int) -> DecodeStep:
+    """The model's compiled step for (mix, batch, a cache of >= need slots)."""
+    max_len = step_slots(model, need)
+    return cached_step(model, ("static", mix, batch, max_len),
+                       lambda: DecodeStep(model, mix, batch, max_len, model.compile_decode))
+
+
 def compile_decode(model, enabled: bool = True, backend: str | None = "inductor") -> None:
     """Decode the static modes (full, prefix, stage, composition) with the fixed-shape one-token step,
-    compiled by `torch.compile(backend=backend)` (None: the same step uncompiled, for tests).
+    and self-speculative decoding with fixed-shape draft and verify passes, compiled by
+    `torch.compile(backend=backend)` (None: the same steps uncompiled, for tests).
     Off by default: a step compiles in ~10-60 s on a 2-core CPU per (mode, batch, cache size), which
     pays off for long-running use (a server, benchmarks, long generations), not for one short call.
     See docs/benchmarks.md for compiled vs eager tokens/s per mode."""

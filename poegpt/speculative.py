@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .engine import Generation, Sampling, StageMix, check_prompts, new_cache, one_row_matmuls, sampling_logprobs, to_rows
+from .engine import (Generation, Sampling, StageMix, cached_step, check_prompts, compiled, new_cache, one_row_matmuls,
+                     sampling_logprobs, step_slots, to_rows)
 from .errors import PoEError
 from .model import TrunkState
 
@@ -48,6 +49,40 @@ def _cat_states(states: list[TrunkState]) -> TrunkState:
     mids = [s.x_mid for s in states]
     return TrunkState(torch.cat([s.x for s in states], 1), torch.cat([s.x0 for s in states], 1),
                       None if mids[0] is None else torch.cat(mids, 1))
+
+
+class SpeculativeStep:
+    """The draft and verify passes at fixed shapes, for `torch.compile` (as the engine's DecodeStep):
+    a full-view cache (every row writes at its own device positions and attends over every slot
+    under a position mask) and the summed head weights taken once. The draft pass is one token per
+    row through stages 0..d; the verify pass is k+1 tokens per row through the rest, then the
+    full-PoE log-probs. A pass of another length (the last one of a generation near the cache end,
+    or an early-stopped `k_draft="auto"` draft) runs the same code eagerly on the same cache.
+    Without `compile_decode` the same passes run eagerly on a cache sized to the generation."""
+
+    def __init__(self, model, draft_stage: int, k: int, batch: int, max_len: int, backend: str | None,
+                 full_view: bool = True):
+        K = model.config.n_stages
+        self.model, self.d, self.k = model, draft_stage, k
+        self.cache = new_cache(model, batch, max_len)
+        self.cache.full_view = full_view
+        self.draft_mix, self.full_mix = StageMix(tuple(range(draft_stage + 1))), StageMix.full(K, model.config.poe_alpha)
+        self.heads = [model.head_weight(j) for j in range(K)]
+        self.fast_draft, self.fast_verify = compiled(self.draft, backend), compiled(self.verify, backend)
+
+    def draft(self, tok: torch.Tensor, pos: torch.Tensor):
+        """tok (B,) at pos (B,) through the draft stages: (x, x0, x_mid, boundary outputs, draft log-probs (B, V))."""
+        idx, p = tok[:, None], pos[:, None]
+        x = self.model.embed(idx, self.cache, p)
+        state, hs = run_stages(self.model, TrunkState(x, x), idx, 0, self.d + 1, p, self.cache)
+        q = self.draft_mix.logprobs(self.model, [h[:, -1] for h in hs], self.heads[: self.d + 1])
+        return state.x, state.x0, state.x_mid, hs, q
+
+    def verify(self, x, x0, x_mid, shallow: list[torch.Tensor], idx: torch.Tensor, pos: torch.Tensor):
+        """The remaining stages over idx (B, T) at pos (B, T): full-PoE log-probs (B, T, V)."""
+        _, deep = run_stages(self.model, TrunkState(x, x0, x_mid), idx, self.d + 1, self.model.config.n_stages,
+                             pos, self.cache)
+        return self.full_mix.logprobs(self.model, shallow + deep, self.heads)
 
 
 def accept(p: torch.Tensor, idx: torch.Tensor, draft_logps: list[torch.Tensor], draft_len: torch.Tensor,
@@ -117,9 +152,15 @@ def speculative_steps(model, rows: list[list[int]], draft_stage: int, k_draft, m
             .get("speculative_threshold", {}).get(str(draft_stage), DEFAULT_AUTO_THRESHOLD)
     threshold = auto_threshold
     capacity = min(cfg.sequence_len, max(len(r) for r in rows) + max_new_tokens + k_max)
-    cache = new_cache(model, B, capacity)
+    if getattr(model, "compile_decode", False) is not False:
+        max_len = step_slots(model, capacity)
+        step = cached_step(model, ("speculative", draft_stage, k_max, B, max_len),
+                           lambda: SpeculativeStep(model, draft_stage, k_max, B, max_len, model.compile_decode))
+    else:
+        step = SpeculativeStep(model, draft_stage, k_max, B, capacity, None, full_view=False)
+    cache = step.cache
+    cache.lengths = [0] * B                     # from the start, also when the cache is reused
     generator = sampling.generator(device)
-    draft_mix, full_mix = StageMix(tuple(range(draft_stage + 1))), StageMix.full(K, cfg.poe_alpha)
     gen.tokens = [[] for _ in rows]
     if max_new_tokens == 0:
         return
@@ -141,15 +182,13 @@ def speculative_steps(model, rows: list[list[int]], draft_stage: int, k_draft, m
         draft_len = torch.zeros(B, dtype=torch.long, device=device)
         i = 0
         while True:                             # pass k only readies the last draft for verification
-            pos = _positions(cache.lengths, i, 1, device)
+            pos = _positions(cache.lengths, i, 1, device)[:, 0]
             with one_row_matmuls(model, B):
-                x = model.embed(tokens[-1][:, None], cache, pos)
-                state, hs = run_stages(model, TrunkState(x, x), tokens[-1][:, None], 0, draft_stage + 1, pos, cache)
-                states.append(state)
-                shallow.append(hs)
-                if i == k:
-                    break
-                q = draft_mix.logprobs(model, [h[:, -1] for h in hs])
+                x, x0, x_mid, hs, q = step.fast_draft(tokens[-1], pos)
+            states.append(TrunkState(x, x0, x_mid))
+            shallow.append(hs)
+            if i == k:
+                break
             q = q if sampling.greedy else sampling_logprobs(q, sampling)
             draft_logps.append(q)
             tokens.append(q.argmax(-1) if sampling.greedy
@@ -165,9 +204,10 @@ def speculative_steps(model, rows: list[list[int]], draft_stage: int, k_draft, m
         # --- verify: the remaining stages over the pending token and the k drafts, in one pass ------
         idx = torch.stack(tokens, 1)                                            # (B, k+1)
         pos = _positions(cache.lengths, 0, k + 1, device)
-        _, deep = run_stages(model, _cat_states(states), idx, draft_stage + 1, K, pos, cache)
-        hs_all = [torch.cat([s[j] for s in shallow], 1) for j in range(draft_stage + 1)] + deep
-        p = full_mix.logprobs(model, hs_all)                                     # (B, k+1, V)
+        state = _cat_states(states)
+        p = (step.fast_verify if k == k_max else step.verify)(                  # (B, k+1, V)
+            state.x, state.x0, state.x_mid, [torch.cat([s[j] for s in shallow], 1) for j in range(draft_stage + 1)],
+            idx, pos)
         if not sampling.greedy:
             p = sampling_logprobs(p, sampling)
         # --- accept: the longest prefix of drafts the verifier agrees with, then one token of its own ---

@@ -113,3 +113,47 @@ def test_one_row_matmuls_switches_only_bf16_single_row_steps_and_restores():
     with one_row_matmuls(bf16, 1):
         gemv = F.linear(x, w)
     torch.testing.assert_close(gemv, F.linear(x, w), rtol=1e-2, atol=1e-2)   # the same product, other rounding
+
+
+def speculative(model, prompts, n, **kw):
+    from poegpt.engine import Sampling
+    sampling = Sampling(**{k: kw.pop(k) for k in ("do_sample", "seed", "top_k") if k in kw})
+    steps, gen = mode_steps(model, prompts, ModeSpec("speculative", **kw), n, sampling)
+    list(steps)
+    return gen.tokens, gen.accepted, gen.passes
+
+
+@pytest.mark.parametrize("draft_stage, k_draft", [(0, 1), (0, 3), (1, 5), (2, 3), (1, "auto")])
+def test_speculative_fixed_shape_passes_equal_eager(model, draft_stage, k_draft):
+    """The full-view draft / verify passes (uncompiled) give the eager speculative tokens, greedy
+    and seeded sampling, on a ragged batch (which equals full greedy), including the last passes cut
+    short by the length limit; the step and its cache are reused by the next generation."""
+    prompts = rows(3)
+    full = generate(model, prompts, StageMix.full(K), 19)
+    want = speculative(model, prompts, 19, draft_stage=draft_stage, k_draft=k_draft)
+    want_s = speculative(model, prompts, 19, draft_stage=draft_stage, k_draft=k_draft, do_sample=True, seed=4)
+    assert want[0] == full
+    at_end = [rows(1, seed=9, lengths=(model.config.sequence_len - 19,))[0]]   # drafts shrink at the context end
+    want_end = speculative(model, at_end, 19, draft_stage=draft_stage, k_draft=k_draft)
+    assert want_end[0] == generate(model, at_end, StageMix.full(K), 19)
+    compile_decode(model, backend=None)
+    try:
+        assert speculative(model, prompts, 19, draft_stage=draft_stage, k_draft=k_draft) == want
+        assert speculative(model, at_end, 19, draft_stage=draft_stage, k_draft=k_draft) == want_end
+        assert speculative(model, prompts, 19, draft_stage=draft_stage, k_draft=k_draft, do_sample=True,
+                           seed=4) == want_s
+        assert {key[0] for key in model._decode_steps} == {"speculative"} and len(model._decode_steps) == 2
+    finally:
+        compile_decode(model, False)
+
+
+def test_compiled_speculative_equals_full_greedy(model):
+    """torch.compile (inductor) of the draft and verify passes: still exactly full greedy, batch 1 and 2."""
+    prompts = rows(2, seed=6, lengths=(7, 4))
+    full = generate(model, prompts, StageMix.full(K), 12)
+    compile_decode(model)
+    try:
+        for batch in (prompts[:1], prompts):
+            assert speculative(model, batch, 12, draft_stage=1, k_draft=3)[0] == full[:len(batch)]
+    finally:
+        compile_decode(model, False)
