@@ -4,12 +4,13 @@ For each mode, greedy, at batch 1 (each prompt alone, one after another) and bat
 one call): tokens/s (wall clock over all prompts, prefill included), the ratio to transformers
 `generate` on the exported Hugging Face folder of the same weights (same prompts, same number of
 new tokens, same dtype, EOS disabled on both sides), speedup over full-PoE greedy, layer evaluations
-per generated token (counted with hooks in a separate, untimed run; speculative and WAND include their
-drafting / lazy-fill work), agreement of the tokens with full greedy, and for speculative decoding
-the acceptance rate and τ (tokens per verification pass). Every mode but WAND is timed eager and
-compiled (`poegpt.engine.compile_decode`: the static modes' one-token step, speculative decoding's
-draft and verify passes; compile time excluded, reported separately). `stage K-1` alone is the dense baseline: the same trunk
-with one head. Prints tables, then one JSON line.
+per generated token (counted with hooks in a separate, untimed run, speculative's drafting
+included; for WAND its own count per decode position, lazy fills of skipped layers included),
+agreement of the tokens with full greedy, and for speculative decoding the acceptance rate and τ
+(tokens per verification pass). Every mode but WAND is timed eager and compiled
+(`poegpt.engine.compile_decode`: the static modes' one-token step, speculative decoding's draft and
+verify passes; compile time excluded, reported separately). `stage K-1` alone is the dense
+baseline: the same trunk with one head. Prints tables, then one JSON line.
 
     python bench/decode.py                                   # the shipped demo model, bf16
     python bench/decode.py --model runs/demo/run --dtype fp32 --no-compile
@@ -80,8 +81,6 @@ def prefill_evals(model, rows, spec) -> int:
     b = model.config.boundaries
     if spec.mode == "speculative":        # all layers for the prompt but its last token (the first pending input)
         return sum(len(r) - 1 for r in rows) * model.config.n_layer
-    if spec.mode == "wand":               # stage 0 on the prompt; deeper layers are filled lazily, as decode work
-        return sum(len(r) for r in rows) * (b[0] + 1)
     return sum(len(r) for r in rows) * (b[spec.stage_mix(model).depth - 1] + 1)
 
 
@@ -124,6 +123,7 @@ def main():
     ap.add_argument("--safety", type=float, default=1.0)
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled decode steps")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers generate")
+    ap.add_argument("--modes", nargs="*", help="labels of the modes to run (default: all; full always runs)")
     ap.add_argument("--compile-modes", nargs="*", help="labels of the modes to time compiled (default: all but WAND)")
     a = ap.parse_args()
     from poegpt.checkpoint import load_model
@@ -147,6 +147,8 @@ def main():
         specs.append((f"wand safety {a.safety}", ModeSpec("wand", safety=a.safety)))
     specs.append(("wand (inf bounds)", ModeSpec("wand", p99_bounds=(float("inf"),) * (K - 1))))
 
+    if a.modes:
+        specs = [s for s in specs if s[0] == "full" or s[0] in a.modes]
     hf_rows = {}
     if not a.no_hf:
         hf = load_hf(a.model, dtype)
@@ -188,7 +190,8 @@ def main():
             row[f"b{B}_path"] = "compiled" if row[f"b{B}_tok_s"] > row[f"b{B}_eager_tok_s"] else "eager"
             if B in hf_rows:
                 row[f"b{B}_vs_hf"] = row[f"b{B}_tok_s"] / hf_rows[B]["tok_s"]
-        row["layers_per_token"] = layer_evals(model, rows, spec, a.tokens) / row["tokens"]
+        if spec.mode != "wand":      # WAND counts its own: layers run per decode position, lazy fills included
+            row["layers_per_token"] = layer_evals(model, rows, spec, a.tokens) / row["tokens"]
         results.append(row)
     for B, h in hf_rows.items():
         h["identical_to_full"] = h.pop("tokens") == reference

@@ -223,7 +223,7 @@ def _generate_all_modes(model, tok, a, sampling) -> None:
             text, gen, dt = _run_mode(model, tok, p, spec, a, sampling)
             n = max(len(gen.tokens[0]), 1)
             if layers is None and gen.stages_used:
-                layers = gen.extra["exit_layers_per_token"]
+                layers = gen.extra["layers_per_token"]     # lazy fills of skipped layers included
             layers = f"{layers:.2f}" if layers is not None else "-"
             accept = f"{gen.acceptance:.2f}" if gen.drafted else "-"
             shown = " ".join(text.split())[:70]

@@ -164,10 +164,14 @@ def one_row_matmuls(model, rows: int):
     On CPU, oneDNN's bf16 matmul costs ~20-30 µs per call before any work at M = 1, and streams a
     large matrix at about half the rate of ATen's GEMV: measured here 2-3x slower on the demo
     model's 256-wide matrices and ~2x on the 1.5B preset's MLP and head (docs/benchmarks.md). From
-    two rows on oneDNN wins, so only one-row steps switch. The switch is process-global (torch has
-    no per-call choice), so it is held for the step only, never across a yield."""
+    two rows on oneDNN wins, so only one-row steps switch. Part of the fast path (`compile_decode`)
+    only: the two kernels round bf16 differently, and the default path keeps oneDNN's rounding, the
+    one transformers and vLLM use, so that their greedy tokens equal poegpt's. The switch is
+    process-global (torch has no per-call choice), so it is held for the step only, never across a
+    yield."""
     p = model.lm_head.weight
-    if rows != 1 or p.device.type != "cpu" or p.dtype != torch.bfloat16 or not torch._C._get_mkldnn_enabled():
+    if (rows != 1 or p.device.type != "cpu" or p.dtype != torch.bfloat16 or not torch._C._get_mkldnn_enabled()
+            or getattr(model, "compile_decode", False) is False):
         yield
         return
     torch._C._set_mkldnn_enabled(False)

@@ -93,12 +93,17 @@ def test_compiled_step_equals_eager_step(model):
             tok, pos = a.argmax(-1), pos + 1
 
 
-def test_one_row_matmuls_switches_only_bf16_single_row_steps_and_restores():
-    """ATen's GEMV replaces oneDNN for bf16 one-row steps on CPU only, for the step only (even when it fails)."""
+def test_one_row_matmuls_switches_only_fast_bf16_single_row_steps_and_restores():
+    """ATen's GEMV replaces oneDNN for bf16 one-row steps on CPU under compile_decode only, for the
+    step only (even when it fails); the default path keeps oneDNN (transformers' and vLLM's rounding)."""
     from poegpt.engine import one_row_matmuls
     fp32 = build_random_model(seed=1)
     bf16 = build_random_model(seed=1).to(torch.bfloat16)
     assert torch._C._get_mkldnn_enabled()
+    with one_row_matmuls(bf16, 1):
+        assert torch._C._get_mkldnn_enabled()
+    for m in (fp32, bf16):
+        compile_decode(m, backend=None)
     with one_row_matmuls(bf16, 1):
         assert not torch._C._get_mkldnn_enabled()
     for model, rows in ((bf16, 2), (fp32, 1)):
