@@ -11,7 +11,7 @@ A batch-1 decode step reads every weight it multiplies by once, so tokens/s is b
 Prints a table, then one JSON line.
 
     python bench/roofline.py                   # bf16 weights (the fastest dtype for GEMV on this CPU)
-    python bench/roofline.py --dtype fp32 --tokens 8
+    python bench/roofline.py --dtype fp32 --tokens 8 --step eager
 """
 
 from __future__ import annotations
@@ -60,15 +60,17 @@ def main():
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--tokens", type=int, default=16, help="decode steps timed per mode")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--compile", action="store_true", help="decode with the compiled one-token step")
+    ap.add_argument("--step", choices=["eager", "fast", "compiled"], default="fast",
+                    help="eager: the default decode loop; fast: compile_decode's fixed-shape step (one-row GEMV "
+                         "kernels) run uncompiled; compiled: that step under torch.compile")
     a = ap.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
     machine = load()
     bw = bandwidth()
     model = build(dtype)
-    if a.compile:
+    if a.step != "eager":
         from poegpt.engine import compile_decode
-        compile_decode(model)
+        compile_decode(model, True, "inductor" if a.step == "compiled" else None)
     K, b = model.config.n_stages, model.config.boundaries
     prompt = list(range(1, 17))
     modes = [("full", ModeSpec("full"), K)] + [(f"prefix {m}", ModeSpec("prefix", max_stages=m), m)
@@ -87,7 +89,7 @@ def main():
         r["layer_ratio"] = full["layers"] / r["layers"]
         r["weight_byte_ratio"] = full["weight_gb_per_token"] / r["weight_gb_per_token"]
     print(f"{describe({**machine, **bw})}; 1.5b preset, {a.dtype} weights, batch 1, greedy, decode steps only, "
-          f"{'compiled' if a.compile else 'eager'} step")
+          f"{a.step} step")
     print(f"{'mode':<10}{'layers':>7}{'tok/s':>8}{'GB/token':>10}{'GB/s':>7}{'of BW':>7}{'vs full':>9}"
           f"{'layer ratio':>13}{'byte ratio':>12}")
     for r in rows:
@@ -95,7 +97,7 @@ def main():
               f"{r['achieved_gb_s']:>7.1f}{100 * r['fraction_of_read_bw']:>6.0f}%{r['speed_vs_full']:>8.2f}x"
               f"{r['layer_ratio']:>12.2f}x{r['weight_byte_ratio']:>11.2f}x")
     machine["load_1m_end"] = load()["load_1m"]
-    print(json.dumps({"bench": "roofline", "dtype": a.dtype, "compiled": a.compile, "machine": machine, "bandwidth": bw, "modes": rows}))
+    print(json.dumps({"bench": "roofline", "dtype": a.dtype, "step": a.step, "machine": machine, "bandwidth": bw, "modes": rows}))
 
 
 if __name__ == "__main__":
