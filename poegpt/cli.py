@@ -154,12 +154,16 @@ def cmd_eval(a) -> None:
 
 
 def cmd_generate(a) -> None:
+    import torch
+
     from .checkpoint import load_model
-    from .engine import Sampling
+    from .engine import Sampling, compile_decode
     from .modes import ModeSpec
-    model, tok = load_model(a.model)
+    model, tok = load_model(a.model, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype])
     if tok is None:
         raise PoEError("the checkpoint has no tokenizer; generation needs one")
+    if a.compile:
+        compile_decode(model)
     if any(not p for p in a.prompt):
         raise PoEError("--prompt is empty; give some text to continue")
     sampling = Sampling(do_sample=a.temperature > 0, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
@@ -378,6 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int)
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
     s.add_argument("--stream", action="store_true", help="print text as it is generated")
+    s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype of the weights")
+    s.add_argument("--compile", action="store_true",
+                   help="the fast decode path (poegpt.engine.compile_decode): fixed-shape compiled steps for every "
+                        "mode but WAND; pays for long generations (each step shape compiles once, seconds)")
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("calibrate", help="measure WAND bounds and speculative thresholds; store them in the checkpoint")

@@ -258,6 +258,9 @@ def test_cli_end_to_end(data_dir, tmp_path):
     assert "full/geomean BPB" in r.stdout and (tmp_path / "eval" / "report.json").exists()
     r = run_cli("generate", "--model", str(tmp_path / "run"), "--prompt", "Hello", "--max-new-tokens", "5")
     assert r.returncode == 0 and r.stdout.startswith("Hello"), r.stderr
+    fast = run_cli("generate", "--model", str(tmp_path / "run"), "--prompt", "Hello", "--max-new-tokens", "5",
+                   "--compile")                                  # the compiled fast path: the same text in fp32
+    assert fast.returncode == 0 and fast.stdout == r.stdout, fast.stderr
     r = run_cli("generate", "--model", str(tmp_path / "run"), "--prompt", "x", "--mode", "wand")
     assert r.returncode == 2 and "calibrate" in r.stderr
     r = run_cli("calibrate", "--model", str(tmp_path / "run"), "--data", str(data_dir), "--tokens", "256",
