@@ -19,7 +19,6 @@ top-p) full and draft distributions, so the output is distributed exactly as ful
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .engine import (Generation, Sampling, StageMix, cached_step, check_prompts, compiled, new_cache, one_row_matmuls,
                      sampling_logprobs, step_slots, to_rows)

@@ -72,7 +72,7 @@ def test_static_step_equals_eager_decoding(model, mix):
 
 def test_compiled_step_equals_eager_step(model):
     """torch.compile (inductor) of the step: the same tokens and log-probs to fp32 rounding."""
-    from poegpt.engine import DecodeStep, new_cache, prefill
+    from poegpt.engine import DecodeStep, prefill
     mix = StageMix.full(K)
     prompts = rows(2, seed=4, lengths=(6, 3))
     want = generate(model, prompts, mix, 10)
