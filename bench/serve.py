@@ -72,8 +72,10 @@ def one_request(client: httpx.Client, body: dict) -> dict:
             if "error" in chunk:
                 raise RuntimeError(chunk["error"]["message"])
             choice = chunk["choices"][0] if chunk["choices"] else {}
-            # a chunk with tokens: token_ids when asked for (return_token_ids), else some text (bench/vllm_serve.py)
-            if choice.get("token_ids") or ("token_ids" not in choice and choice.get("text")):
+            # a chunk with tokens: token_ids when asked for (return_token_ids), else some text (vLLM sends
+            # "token_ids": null when not asked; bench/vllm_serve.py)
+            ids = choice.get("token_ids")
+            if ids or (ids is None and choice.get("text")):
                 times.append(time.perf_counter())
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
