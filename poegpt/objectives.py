@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .config import PoEConfig
 
 IGNORE_INDEX = -1
-CHUNK_ELEMENTS = 1 << 23   # logits per chunk across its stages: 32 MB per fp32 (chunk, V·n) tensor
+CHUNK_ELEMENTS = 1 << 22   # logits per chunk across its stages: 16 MB per fp32 (chunk, V·n) tensor
 MIN_CHUNK = 128
 
 
