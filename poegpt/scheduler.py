@@ -47,7 +47,7 @@ from typing import Callable
 
 import torch
 
-from .engine import Sampling, StageMix, new_cache, one_row_matmuls, pick, prefill
+from .engine import Sampling, StageMix, new_cache, pick, prefill
 from .model import KVCache
 from .modes import ModeSpec, mode_steps
 
@@ -312,9 +312,8 @@ class _Scorer:
         logp = self.logp
         if self.cache.lengths[0] < self.cache.max_len:
             idx = torch.tensor([[token]], device=logp.device)
-            with one_row_matmuls(self.model, 1):
-                hs = self.model.trunk(idx, self.mix.depth, self.cache)
-                self.logp = self.mix.logprobs(self.model, [h[:, -1] for h in hs])[0]
+            hs = self.model.trunk(idx, self.mix.depth, self.cache)
+            self.logp = self.mix.logprobs(self.model, [h[:, -1] for h in hs])[0]
         return logp
 
 
@@ -533,8 +532,7 @@ class Scheduler:
         view.lengths = [s.length for s in rows]
         idx = torch.tensor([[s.pending] for s in rows], device=self.device)
         try:
-            with one_row_matmuls(self.model, n):
-                hs = self.model.trunk(idx, max(s.mix.depth for s in rows), view)
+            hs = self.model.trunk(idx, max(s.mix.depth for s in rows), view)
             for s in rows:
                 s.length += 1
             groups: dict[StageMix, list[int]] = {}
@@ -542,8 +540,7 @@ class Scheduler:
                 groups.setdefault(s.mix, []).append(r)
             for mix, ix in groups.items():
                 sel = torch.tensor(ix, device=self.device)
-                with one_row_matmuls(self.model, len(ix)):
-                    logp = mix.logprobs(self.model, [h[sel, -1] for h in hs])
+                logp = mix.logprobs(self.model, [h[sel, -1] for h in hs])
                 for j, r in enumerate(ix):
                     s = rows[r]
                     self._emit(s, [int(pick(logp[j:j + 1], s.params.sampling, s.generator))], [logp[j]])

@@ -59,10 +59,10 @@ class SpeculativeStep:
     or an early-stopped `k_draft="auto"` draft) runs the same code eagerly on the same cache.
     Without `compile_decode` the same passes run eagerly on a cache sized to the generation."""
 
-    def __init__(self, model, draft_stage: int, k: int, batch: int, max_len: int, backend: str | None,
+    def __init__(self, model, draft_stage: int, batch: int, max_len: int, backend: str | None,
                  full_view: bool = True):
         K = model.config.n_stages
-        self.model, self.d, self.k = model, draft_stage, k
+        self.model, self.d = model, draft_stage
         self.cache = new_cache(model, batch, max_len)
         self.cache.full_view = full_view
         self.draft_mix, self.full_mix = StageMix(tuple(range(draft_stage + 1))), StageMix.full(K, model.config.poe_alpha)
@@ -154,9 +154,9 @@ def speculative_steps(model, rows: list[list[int]], draft_stage: int, k_draft, m
     if getattr(model, "compile_decode", False) is not False:
         max_len = step_slots(model, capacity)
         step = cached_step(model, ("speculative", draft_stage, k_max, B, max_len),
-                           lambda: SpeculativeStep(model, draft_stage, k_max, B, max_len, model.compile_decode))
+                           lambda: SpeculativeStep(model, draft_stage, B, max_len, model.compile_decode))
     else:
-        step = SpeculativeStep(model, draft_stage, k_max, B, capacity, None, full_view=False)
+        step = SpeculativeStep(model, draft_stage, B, capacity, None, full_view=False)
     cache = step.cache
     cache.lengths = [0] * B                     # from the start, also when the cache is reused
     generator = sampling.generator(device)
