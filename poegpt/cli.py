@@ -307,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .corpus import add_corpus_parser
     add_corpus_parser(sub)
     from .hf import add_export_parser; add_export_parser(sub)
+    from .nanochat import add_parsers; add_parsers(sub)
     from .server import add_serve_parser; add_serve_parser(sub)
 
     s = sub.add_parser("prepare", help="tokenise a mixture into shards + manifest")
