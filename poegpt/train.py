@@ -28,6 +28,7 @@ from .distributed import all_reduce_mean, barrier, full_state, init_distributed,
 from .config import PoEConfig
 from .errors import PoEError
 from .evaluate import stream_metrics
+from .hardware import resolve_dtype_name, set_threads
 from .model import PoEGPT
 from .optim import build_optimizers, set_schedule
 
@@ -56,7 +57,8 @@ class TrainArgs:
     keep: int = 2
     seed: int = 0
     case_aug_p: float = 0.15
-    dtype: str = "fp32"                         # fp32 | bf16 (autocast) | fp64 (weights too: for exactness tests)
+    dtype: str = "auto"                         # auto (bf16 where native, else fp32) | fp32 | bf16 (autocast) | fp64
+    threads: int | None = None                  # torch intra-op threads (None: the cores shared by the local ranks)
     device: str = "auto"
     loss_chunk: int = 4096
     compile_loss: bool = False                  # torch.compile the chunked loss (2.2x on CPU at V=8192)
@@ -176,6 +178,8 @@ def train(args: TrainArgs, resume: bool = False, stop_at: int | None = None) -> 
 
     device = resolve_device(args.device)
     info = init_distributed(device.type)
+    dtype = resolve_dtype_name(args.dtype, device, warn=args.dtype != "fp16")  # fp16: autocast_for says no
+    set_threads(args.threads)
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     tokenizer = Tokenizer.load(args.data)
@@ -189,7 +193,7 @@ def train(args: TrainArgs, resume: bool = False, stop_at: int | None = None) -> 
     accum = tokens_per_step // micro_tokens
 
     torch.manual_seed(args.seed)
-    model = PoEGPT(cfg).to(device, torch.float64 if args.dtype == "fp64" else torch.float32)
+    model = PoEGPT(cfg).to(device, torch.float64 if dtype == "fp64" else torch.float32)
     if latest is not None:
         load_state(latest, model)
     stage_parallel = args.parallel == "stage" and info.enabled
@@ -217,9 +221,9 @@ def train(args: TrainArgs, resume: bool = False, stop_at: int | None = None) -> 
         elif metrics_path.exists():
             metrics_path.unlink()
     token_bytes = torch.tensor(tokenizer.token_byte_lengths(), device=device)
-    amp = autocast_for(device, args.dtype)
+    amp = autocast_for(device, dtype)
     flops_per_token = model.train_flops_per_token()
-    peak = measure_peak_flops(device, args.dtype)
+    peak = measure_peak_flops(device, dtype)
     end = args.steps if stop_at is None else min(stop_at, args.steps)
 
     from tqdm import tqdm

@@ -9,7 +9,16 @@ Gaussian noise to every parameter.
 import pytest
 import torch
 
-from poegpt import PoEConfig, PoEGPT
+from poegpt import PoEConfig, PoEGPT, hardware
+
+# What `--dtype auto` sees in tests: a CPU without native bf16 (so auto is fp32 on every host, and no
+# test depends on which CPU runs it); the tests of dtype resolution pass their own CPU descriptions.
+TEST_CPU = {"model": "test CPU (AVX2)", "flags": ["avx2", "fma"], "capability": "AVX2", "cores": 2}
+
+
+@pytest.fixture(autouse=True)
+def _fixed_cpu(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu", lambda: TEST_CPU)
 
 
 def build_random_model(cfg: PoEConfig | None = None, seed: int = 0, scale: float = 0.1,
