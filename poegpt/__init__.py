@@ -14,7 +14,9 @@ __version__ = "0.1.0"
 __all__ = ["PoEConfig", "PoEGPT", "PoEError", "load", "__version__"]
 
 
-def load(path=None, device="cpu"):
-    """Load (model, tokenizer) from a checkpoint directory (the shipped demo model when None)."""
+def load(path=None, device="cpu", dtype="auto"):
+    """Load (model, tokenizer) from a checkpoint directory (the shipped demo model when None). dtype "auto":
+    bf16 where the hardware computes it natively (CUDA with bf16, a CPU with AVX512_BF16 or AMX), else fp32."""
     from .checkpoint import load_model
-    return load_model(path, device=device)
+    from .hardware import resolve_dtype
+    return load_model(path, device=device, dtype=resolve_dtype(dtype, device))

@@ -21,6 +21,14 @@ from pathlib import Path
 from .errors import PoEError
 
 
+def cmd_env(a) -> None:
+    import json
+
+    from .hardware import describe
+    for key, value in describe().items():
+        print(f"{key:16s} {json.dumps(value, ensure_ascii=False)}")
+
+
 def cmd_info(a) -> None:
     import torch
     from .config import PoEConfig
@@ -159,7 +167,9 @@ def cmd_generate(a) -> None:
     from .checkpoint import load_model
     from .engine import Sampling, compile_decode
     from .modes import ModeSpec
-    model, tok = load_model(a.model, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype])
+    from .hardware import resolve_dtype, set_threads
+    set_threads(a.threads)
+    model, tok = load_model(a.model, dtype=resolve_dtype(a.dtype))
     if tok is None:
         raise PoEError("the checkpoint has no tokenizer; generation needs one")
     if a.compile:
@@ -289,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="poegpt", description="GPTs trained as a Product of Experts over depth")
     sub = p.add_subparsers(dest="command", required=True)
 
+    s = sub.add_parser("env", help="the CPU, its flags, torch's capability, threads, CUDA, and the dtype auto picks")
+    s.set_defaults(fn=cmd_env)
+
     s = sub.add_parser("info", help="config, parameter count and FLOPs of a preset, depth or checkpoint")
     s.add_argument("--preset")
     s.add_argument("--depth", type=int)
@@ -341,7 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep", type=int)
     s.add_argument("--seed", type=int)
     s.add_argument("--case-aug-p", dest="case_aug_p", type=float)
-    s.add_argument("--dtype", choices=["fp32", "bf16", "fp64"])
+    s.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp64"],
+                   help="compute dtype (default auto: bf16 where the hardware has it natively, else fp32)")
+    s.add_argument("--threads", type=int, help="torch intra-op threads (default: the cores, shared by local ranks)")
     s.add_argument("--device")
     s.add_argument("--loss-chunk", dest="loss_chunk", type=int)
     s.add_argument("--compile-loss", dest="compile_loss", action="store_true", default=None,
@@ -383,7 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int)
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
     s.add_argument("--stream", action="store_true", help="print text as it is generated")
-    s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype of the weights")
+    s.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="compute dtype of the weights (default auto: bf16 where native, else fp32)")
+    s.add_argument("--threads", type=int, help="torch intra-op threads (default: the usable cores)")
     s.add_argument("--compile", action="store_true",
                    help="the fast decode path (poegpt.engine.compile_decode): fixed-shape compiled steps for every "
                         "mode but WAND; pays for long generations (each step shape compiles once, seconds)")

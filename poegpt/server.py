@@ -45,6 +45,7 @@ from typing import Callable
 
 from .engine import Sampling, check_prompts
 from .errors import PoEError
+from .hardware import resolve_dtype
 from .modes import MODES, ModeSpec
 from .scheduler import (FAILED, SOLO_MODES, Event, Metrics, QueueFull, Scheduler, SchedulerClosed, SeqParams,
                         Sequence, TokenLogprob)
@@ -743,7 +744,8 @@ def add_serve_parser(subparsers) -> None:
     s.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads of the engine (default: torch's, one per core); 1 is best on a "
                         "machine whose cores other work keeps busy")
-    s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights and KV cache dtype")
+    s.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="weights and KV cache dtype (default auto: bf16 where native, else fp32)")
     s.add_argument("--log-level", dest="log_level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(fn=cmd_serve)
@@ -791,7 +793,7 @@ def cmd_serve(a) -> None:
 
     def load():
         # on a thread while the port already answers: /health is 503 {"status": "loading"} meanwhile
-        model, tok = load_model(a.model, dtype=torch.bfloat16 if a.dtype == "bf16" else torch.float32)
+        model, tok = load_model(a.model, dtype=resolve_dtype(a.dtype))
         if tok is None:
             raise PoEError("the checkpoint has no tokenizer; serving needs one")
         app = create_app(model, tok, name, a.max_batch, a.max_queue, a.timeout or None)
