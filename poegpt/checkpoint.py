@@ -126,8 +126,9 @@ def checkpoints_in(run_dir) -> list[Path]:
 
 
 def resolve_checkpoint(path) -> Path:
-    """A checkpoint directory from: None (the shipped demo model), a checkpoint dir, or a run dir (latest)."""
-    if path is None:
+    """A checkpoint directory from: None or "demo" (the shipped demo model, unless a folder named demo
+    exists here), a checkpoint dir, or a run dir (its latest checkpoint)."""
+    if path is None or (str(path) == "demo" and not Path(path).exists()):
         if not (DEMO_MODEL_DIR / META_FILE).exists():
             raise PoEError("no demo model is shipped in this install; pass --model PATH (a checkpoint or run directory)")
         return DEMO_MODEL_DIR

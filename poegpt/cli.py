@@ -36,7 +36,7 @@ def cmd_info(a) -> None:
     meta = None
     if a.model:
         from .checkpoint import read_meta, resolve_checkpoint
-        path = resolve_checkpoint(None if a.model == "demo" else a.model)
+        path = resolve_checkpoint(a.model)
         cfg, meta = PoEConfig.load(path), read_meta(path)
     elif a.depth:
         cfg = PoEConfig.from_depth(a.depth, vocab_size=a.vocab_size or 48_000)

@@ -51,3 +51,17 @@ def test_demo_wand_with_infinite_bounds_reproduces_full_greedy(demo):
         row = tok.encode(p)
         assert torch.equal(model.generate_wand([row], max_new_tokens=12, p99_bounds=inf),
                            model.generate([row], max_new_tokens=12))
+
+
+def test_demo_is_a_model_name_for_every_command(tmp_path, monkeypatch):
+    """`demo` names the shipped model wherever a checkpoint is taken (export-hf included), unless a folder
+    called demo exists where the command runs."""
+    from poegpt.checkpoint import resolve_checkpoint
+    from poegpt.cli import main
+    monkeypatch.chdir(tmp_path)
+    assert resolve_checkpoint("demo") == DEMO_MODEL_DIR
+    assert not main(["export-hf", "demo", str(tmp_path / "hf")])
+    assert (tmp_path / "hf" / "config.json").exists() and (tmp_path / "hf" / "model.safetensors").exists()
+    (tmp_path / "demo").mkdir()
+    with pytest.raises(Exception, match="holds no checkpoint"):
+        resolve_checkpoint("demo")
