@@ -925,7 +925,7 @@ def add_corpus_parser(subparsers) -> None:
     b.add_argument("--cache", default=None, help=f"package cache (default {DEFAULT_CACHE})")
     b.add_argument("--only", nargs="+", metavar="NAME", help="build only these sources (see docs/corpus.md)")
     b.add_argument("--workers", type=int, default=None, help="extraction processes (default: CPU count, at most 8)")
-    b.add_argument("--quiet", action="store_true")
+    b.add_argument("--quiet", action="store_true", help="no progress output")
     b.set_defaults(fn=cmd_corpus_build)
 
 

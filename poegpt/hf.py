@@ -502,7 +502,7 @@ def add_export_parser(sub) -> None:
     s.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     s.set_defaults(fn=cmd_export)
     s = sub.add_parser("import-hf", help="turn a folder written by export-hf back into a poegpt checkpoint")
-    s.add_argument("folder")
+    s.add_argument("folder", help="folder written by poegpt export-hf")
     s.add_argument("out", help="checkpoint directory to write")
     s.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     s.set_defaults(fn=cmd_import)

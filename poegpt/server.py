@@ -729,7 +729,7 @@ def add_serve_parser(subparsers) -> None:
                                             "(docs/serving.md)")
     s.add_argument("--model", help="checkpoint or run directory (default: the shipped demo model)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port) (default %(default)s)")
     s.add_argument("--served-name", dest="served_name",
                    help="the model name clients send (default: --model as given, or poegpt-demo)")
     s.add_argument("--max-batch", dest="max_batch", type=int, default=8,
@@ -747,7 +747,7 @@ def add_serve_parser(subparsers) -> None:
     s.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                    help="weights and KV cache dtype (default auto: bf16 where native, else fp32)")
     s.add_argument("--log-level", dest="log_level", default="info",
-                   choices=["critical", "error", "warning", "info", "debug"])
+                   choices=["critical", "error", "warning", "info", "debug"], help="uvicorn log level (default %(default)s)")
     s.set_defaults(fn=cmd_serve)
 
 
