@@ -114,6 +114,17 @@ class KVCache:
         self.max_len = max_len
         self.lengths = [0] * batch_size
 
+    def rows(self, start: int, stop: int, lengths: list[int] | None = None) -> "KVCache":
+        """Rows start..stop-1 as a cache of their own, sharing this cache's storage (writes go
+        through), holding `lengths` tokens per row (0 when None)."""
+        view = object.__new__(KVCache)
+        view.k = [k[start:stop] for k in self.k]
+        view.v = [v[start:stop] for v in self.v]
+        view.embeds = self.embeds[start:stop]
+        view.max_len, view.full_view = self.max_len, self.full_view
+        view.lengths = [0] * (stop - start) if lengths is None else list(lengths)
+        return view
+
     @property
     def pos(self) -> int:
         if any(n != self.lengths[0] for n in self.lengths):

@@ -48,7 +48,6 @@ from typing import Callable
 import torch
 
 from .engine import Sampling, StageMix, new_cache, pick, prefill
-from .model import KVCache
 from .modes import ModeSpec, mode_steps
 
 log = logging.getLogger("poegpt.serve")
@@ -286,17 +285,6 @@ class Sequence:
         return self.params.spec.mode
 
 
-def _rows(cache: KVCache, start: int, stop: int) -> KVCache:
-    """Rows start..stop-1 of a cache as a cache of their own, sharing its storage (writes go through)."""
-    view = object.__new__(KVCache)
-    view.k = [k[start:stop] for k in cache.k]
-    view.v = [v[start:stop] for v in cache.v]
-    view.embeds = cache.embeds[start:stop]
-    view.max_len = cache.max_len
-    view.lengths = [0] * (stop - start)
-    return view
-
-
 class _Scorer:
     """Full-PoE log-probs of a WAND / speculative sequence's tokens, by teacher forcing on a cache of
     its own: those modes target the full-PoE distribution, which they do not expose per token."""
@@ -498,7 +486,7 @@ class Scheduler:
             row = len(self.batch)
             self.batch.append(s)
             # exactly decode_static's first step, on a one-row view of the shared cache
-            hs = prefill(model, _rows(self.cache, row, row + 1), [list(p.prompt)], s.mix.depth)
+            hs = prefill(model, self.cache.rows(row, row + 1), [list(p.prompt)], s.mix.depth)
             s.length = len(p.prompt)
             logp = s.mix.logprobs(model, hs)
             self._emit(s, [int(pick(logp, p.sampling, s.generator))], [logp[0]])
@@ -528,8 +516,7 @@ class Scheduler:
         if not rows:
             return
         n = len(rows)
-        view = _rows(self.cache, 0, n)
-        view.lengths = [s.length for s in rows]
+        view = self.cache.rows(0, n, [s.length for s in rows])
         idx = torch.tensor([[s.pending] for s in rows], device=self.device)
         try:
             hs = self.model.trunk(idx, max(s.mix.depth for s in rows), view)

@@ -718,3 +718,20 @@ def test_ragged_batch_rows_generate_as_if_alone(random_model, token_batch):
     alone_b = model.generate(torch.tensor([b]), max_new_tokens=12)[0]
     assert both[0, :17].tolist() == alone_a.tolist()
     assert both[1].tolist() == alone_b.tolist()
+
+
+def test_cache_row_view_shares_storage():
+    """A row view of a KVCache writes through to the parent's rows and keeps its own lengths."""
+    from poegpt.config import PoEConfig
+    from poegpt.model import KVCache, PoEGPT
+    torch.manual_seed(0)
+    model = PoEGPT(PoEConfig.from_preset("tiny")).eval()
+    cache = KVCache(model.config, 3, 16)
+    view = cache.rows(1, 2, [0])
+    idx = torch.randint(0, model.config.vocab_size, (1, 5))
+    with torch.no_grad():
+        hs = model.trunk(idx, cache=view)
+        alone = model.trunk(idx)
+    assert view.lengths == [5] and cache.lengths == [0, 0, 0]
+    assert torch.equal(cache.k[0][1, :, :5], view.k[0][0, :, :5]) and cache.k[0][0].abs().sum() == 0
+    torch.testing.assert_close(hs[-1], alone[-1], rtol=1e-5, atol=1e-5)
