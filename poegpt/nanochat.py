@@ -151,19 +151,14 @@ def load_nanochat(src, step: int | None = None, tokenizer_dir=None, stages=None)
         raise PoEError(f"the tokenizer has {tokenizer.vocab_size} ids but the meta's vocab_size is {cfg.vocab_size}")
     with torch.device("meta"):
         model = PoEGPT(cfg)
+    model = model.to_empty(device="cpu")
+    model.init_weights()  # buffers (rotary tables), as load_model does; the weights are overwritten below
     try:
-        model.load_state_dict(state_dict_from_nanochat(sd, cfg), strict=True, assign=True)
+        model.load_state_dict(state_dict_from_nanochat(sd, cfg), strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise PoEError(f"the weights do not match the meta's model_config: {first}") from None
-    _set_rotary(model)
     return model.eval(), tokenizer, {"nanochat_step": step, "nanochat_dir": str(folder)}
-
-
-def _set_rotary(model: PoEGPT) -> None:
-    from .model import rotary_tables
-    cfg = model.config
-    model.rope_cos, model.rope_sin = rotary_tables(cfg.sequence_len, cfg.head_dim, cfg.rope_base)
 
 
 def import_nanochat(src, out, step=None, tokenizer_dir=None, stages=None) -> Path:

@@ -45,7 +45,7 @@ from typing import Callable
 
 from .engine import Sampling, check_prompts
 from .errors import PoEError
-from .hardware import resolve_dtype
+from .hardware import resolve_dtype, set_threads
 from .modes import MODES, ModeSpec
 from .scheduler import (FAILED, SOLO_MODES, Event, Metrics, QueueFull, Scheduler, SchedulerClosed, SeqParams,
                         Sequence, TokenLogprob)
@@ -772,9 +772,7 @@ def cmd_serve(a) -> None:
     if a.served_name is not None and not a.served_name.strip():
         raise PoEError("--served-name is empty; give the name clients will send as `model`")
     if a.threads is not None:
-        if a.threads < 1:
-            raise PoEError(f"--threads must be >= 1, got {a.threads}")
-        torch.set_num_threads(a.threads)
+        set_threads(a.threads)
     resolve_checkpoint(a.model)            # a missing checkpoint is one line now, not after the server started
     family = socket.AF_INET6 if ":" in a.host else socket.AF_INET
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on connections of a socket whose proto says
