@@ -9,8 +9,9 @@ import shutil
 import pytest
 
 from poegpt import corpus
-from poegpt.corpus import CorpusSource
-from poegpt.data import load_mixture, read_documents
+from poegpt.corpus import CorpusSource, extractors, files, filters, language
+from poegpt.corpus.build import MAX_DOC_CHARS
+from poegpt.data import RECIPES_DIR, load_mixture, read_documents, split_document
 from poegpt.errors import PoEError
 
 EN = ("The quick brown fox jumps over the lazy dog, and it is a fine day for the walk. This paragraph is "
@@ -31,7 +32,7 @@ def test_html_to_text_keeps_prose_and_drops_markup():
     html = ("<html><head><title>T</title><style>p{color:red}</style><script>var x = 1;</script></head>"
             "<body><nav>Home | Next</nav><h1>Title &amp; more</h1><p>First   paragraph\nwith <b>bold</b> "
             "text.</p><pre>  code\n    indented</pre><ul><li>one</li><li>two</li></ul></body></html>")
-    text = corpus.html_to_text(html)
+    text = extractors.html_to_text(html)
     assert "Title & more" in text
     assert "First paragraph with bold text." in text
     assert "color" not in text and "var x" not in text and "Home" not in text and "<" not in text
@@ -43,7 +44,7 @@ def test_mallard_page_drops_info_block():
     page = ('<?xml version="1.0"?><page xmlns="http://projectmallard.org/1.0/" id="x"><info>'
             '<credit><name>Someone</name></credit><license><p>CC-BY-SA</p></license></info>'
             '<title>Connect</title><p>Open the <gui>Settings</gui>.</p><steps><item><p>Step one.</p></item></steps></page>')
-    text = corpus.html_to_text(page)
+    text = extractors.html_to_text(page)
     assert text.startswith("Connect")
     assert "Open the Settings." in text and "Step one." in text
     assert "Someone" not in text and "CC-BY-SA" not in text
@@ -53,7 +54,7 @@ def test_strip_roff_without_groff():
     man = ('.\\" a comment\n.TH LS 1 "2020" "GNU" "User Commands"\n.SH NAME\nls \\- list directory contents\n'
            '.SH DESCRIPTION\n.PP\nList information about the \\fBFILEs\\fR (the current directory by default).\n'
            '.TP\n\\fB\\-a\\fR, \\fB\\-\\-all\\fR\ndo not ignore entries\n')
-    text = corpus.strip_roff(man)
+    text = extractors.strip_roff(man)
     assert "NAME" in text and "ls - list directory contents" in text
     assert "List information about the FILEs (the current directory by default)." in text
     assert "-a, --all" in text
@@ -65,7 +66,7 @@ def test_roff_to_text_uses_groff_when_present():
         pytest.skip("groff is not installed")
     man = '.TH LS 1 "2020" "GNU" "User Commands"\n.SH NAME\nls \\- list directory contents\n.SH DESCRIPTION\n' \
           'List information about the \\fBFILEs\\fR.\n'
-    text = corpus.roff_to_text(man)
+    text = extractors.roff_to_text(man)
     assert "ls - list directory contents" in text and "List information about the FILEs." in text
     assert "User Commands" not in text  # the running header is dropped
     assert "\x08" not in text and "\x1b" not in text
@@ -75,7 +76,7 @@ def test_tex_to_text():
     tex = ("\\documentclass{article}\\begin{document}\n\\section{Intro}\nThis is \\emph{important}: % comment\n"
            "the value of $x^2$ is\nnon-negative.\\label{sec:intro}\n\n\\begin{figure}drop me\\end{figure}\n"
            "\\end{document}")
-    text = corpus.tex_to_text(tex)
+    text = extractors.tex_to_text(tex)
     assert "Intro" in text and "This is important:" in text and "the value of" in text
     assert "comment" not in text and "drop me" not in text and "\\emph" not in text and "sec:intro" not in text
     assert "is the value of $x^2$ is non-negative." in text.replace("important: ", "is ")  # lines unwrapped
@@ -85,85 +86,85 @@ def test_python_docstrings():
     src = ('"""Module docstring that is long enough to be kept in the corpus because it explains things."""\n'
            'def f(x):\n    """Return x squared; a docstring long enough to be kept in the corpus, about the function f."""\n'
            '    return x * x\n\ndef g():\n    """short"""\n')
-    text = corpus.python_docstrings(src)
+    text = extractors.python_docstrings(src)
     assert "Module docstring" in text and "f\n\nReturn x squared" in text and "short" not in text
-    assert corpus.python_docstrings("def (:") == ""
+    assert extractors.python_docstrings("def (:") == ""
 
 
 def test_fortune_and_normalize():
-    assert corpus.fortune_to_text("One saying.\n%\nAnother saying.\n%\n") == "One saying.\n\nAnother saying."
+    assert extractors.fortune_to_text("One saying.\n%\nAnother saying.\n%\n") == "One saying.\n\nAnother saying."
     messy = "\x1b[31mred\x1b[0m  text\r\n\n\n\n  next\u00a0line \t\x07"
-    assert corpus.normalize_text(messy) == "red text\n\nnext line"
-    assert corpus.normalize_text("│ a │ b │\n├──┼──┤\nkept") == "kept"  # box-drawn table rules go
-    assert corpus.normalize_code("def f():\r\n    return 1   \n\n\n\n\nx = 2\n") == "def f():\n    return 1\n\n\nx = 2"
+    assert extractors.normalize_text(messy) == "red text\n\nnext line"
+    assert extractors.normalize_text("│ a │ b │\n├──┼──┤\nkept") == "kept"  # box-drawn table rules go
+    assert extractors.normalize_code("def f():\r\n    return 1   \n\n\n\n\nx = 2\n") == "def f():\n    return 1\n\n\nx = 2"
 
 
 def test_read_text_file_rejects_non_utf8(tmp_path):
     (tmp_path / "ok.gz").write_bytes(gzip.compress("héllo".encode()))
     (tmp_path / "latin1.txt").write_bytes("h\xe9llo".encode("latin-1"))
     (tmp_path / "bin").write_bytes(b"\x00\x01\x02binary")
-    assert corpus.read_text_file(tmp_path / "ok.gz") == "héllo"
-    assert corpus.read_text_file(tmp_path / "latin1.txt") is None
-    assert corpus.read_text_file(tmp_path / "bin") is None
+    assert extractors.read_text_file(tmp_path / "ok.gz") == "héllo"
+    assert extractors.read_text_file(tmp_path / "latin1.txt") is None
+    assert extractors.read_text_file(tmp_path / "bin") is None
 
 # --- filters
 
 
 def test_detect_language():
-    assert corpus.detect_language(EN * 3) == "en"
-    assert corpus.detect_language(FR * 3) == "fr"
-    assert corpus.detect_language(ES * 3) == "es"
-    assert corpus.detect_language(KO * 3) == "ko"
-    assert corpus.detect_language(JA * 3) == "ja"
-    assert corpus.detect_language(ZH * 3) == "zh"
-    assert corpus.detect_language(EN * 3, hint="ko") == "en"  # an untranslated page is not Korean
-    assert corpus.detect_language("12345 !!!") is None
+    assert language.detect_language(EN * 3) == "en"
+    assert language.detect_language(FR * 3) == "fr"
+    assert language.detect_language(ES * 3) == "es"
+    assert language.detect_language(KO * 3) == "ko"
+    assert language.detect_language(JA * 3) == "ja"
+    assert language.detect_language(ZH * 3) == "zh"
+    assert language.detect_language(EN * 3, hint="ko") == "en"  # an untranslated page is not Korean
+    assert language.detect_language("12345 !!!") is None
 
 
 def test_drop_foreign_paragraphs():
     text = f"{KO}\n\n{EN}\n\nshort English line\n\n{KO}"
-    kept = corpus.drop_foreign_paragraphs(text, "ko")
+    kept = language.drop_foreign_paragraphs(text, "ko")
     assert EN.strip() not in kept and "short English line" in kept and kept.count("한국어 문서") == 2
-    assert corpus.drop_foreign_paragraphs(text, "en") == text
+    assert language.drop_foreign_paragraphs(text, "en") == text
 
 
 def test_is_garbage():
-    assert corpus.is_garbage("too short")
-    assert not corpus.is_garbage(EN * 3)
-    assert corpus.is_garbage("0x1F 0x2A 0x3B 12 34 56 78 90 | -- ++ ** " * 20)  # mostly non-letters
-    assert corpus.is_garbage(EN * 3 + "\ufffd" * 10)
-    assert not corpus.is_garbage("x = [1, 2, 3]\n" * 40, domain="code")
-    assert corpus.is_garbage("data = '" + "a" * 1000 + "'\n" * 5, domain="code")
+    assert filters.is_garbage("too short")
+    assert not filters.is_garbage(EN * 3)
+    assert filters.is_garbage("0x1F 0x2A 0x3B 12 34 56 78 90 | -- ++ ** " * 20)  # mostly non-letters
+    assert filters.is_garbage(EN * 3 + "\ufffd" * 10)
+    assert not filters.is_garbage("x = [1, 2, 3]\n" * 40, domain="code")
+    assert filters.is_garbage("data = '" + "a" * 1000 + "'\n" * 5, domain="code")
 
 
 def test_boilerplate_and_dedupe_hash():
     docs = [f"Page {i}\n\nPrevious | Next\n\n{EN}" for i in range(30)]
-    boiler = corpus.boilerplate_lines(docs, max_docs=25)
+    boiler = filters.boilerplate_lines(docs, max_docs=25)
     assert "Previous | Next" in boiler and EN in boiler and "Page 3" not in boiler
-    assert corpus.remove_lines("Page 3\n\nPrevious | Next\n\nbody", {"Previous | Next"}) == "Page 3\n\nbody"
-    assert corpus.text_hash("Hello  world\n") == corpus.text_hash("hello world")
-    assert corpus.text_hash("hello world") != corpus.text_hash("hello there")
+    assert filters.remove_lines("Page 3\n\nPrevious | Next\n\nbody", {"Previous | Next"}) == "Page 3\n\nbody"
+    assert filters.text_hash("Hello  world\n") == filters.text_hash("hello world")
+    assert filters.text_hash("hello world") != filters.text_hash("hello there")
 
 
 def test_path_language_and_format():
-    assert corpus.path_language("usr/share/help/ko/gnome-help/a.page", "en") == "ko"
-    assert corpus.path_language("usr/share/help/C/gnome-help/a.page", "en") == "en"
-    assert corpus.path_language("usr/share/help/zh_CN/a.page", "en") == "zh"
-    assert corpus.path_language("html/ja-JP/a.html", "en") == "ja"
-    assert corpus.path_language("reference/ch01.fr.html", "en") == "fr"
-    assert corpus.path_language("usr/share/help/de/a.page", "en") is None  # outside the buckets: skipped
-    assert corpus.path_language("doc/guide/intro.html", "en") == "en"
-    assert corpus.file_format("usr/share/man/ja/man1/ls.1.gz") == "roff"
-    assert corpus.file_format("a/b.html") == "html" and corpus.file_format("a/b.png") is None
-    assert corpus.file_format("a/changelog.gz") is None
-    assert corpus.copy_key("html/library/os.html") == corpus.copy_key("html/_sources/library/os.rst.txt")
+    assert language.path_language("usr/share/help/ko/gnome-help/a.page", "en") == "ko"
+    assert language.path_language("usr/share/help/C/gnome-help/a.page", "en") == "en"
+    assert language.path_language("usr/share/help/zh_CN/a.page", "en") == "zh"
+    assert language.path_language("html/ja-JP/a.html", "en") == "ja"
+    assert language.path_language("reference/ch01.fr.html", "en") == "fr"
+    assert language.path_language("usr/share/help/de/a.page", "en") is None  # outside the buckets: skipped
+    assert language.path_language("doc/guide/intro.html", "en") == "en"
+    assert files.file_format("usr/share/man/ja/man1/ls.1.gz") == "roff"
+    assert files.file_format("a/b.html") == "html" and files.file_format("a/b.png") is None
+    assert files.file_format("a/changelog.gz") is None
+    assert files.copy_key("html/library/os.html") == files.copy_key("html/_sources/library/os.rst.txt")
 
 
 def test_split_long_documents_at_paragraphs():
     paragraph = EN * 20  # ~3.6k characters
     text = "\n\n".join([paragraph] * 12)
-    pieces = corpus.split_document(text, corpus.MAX_DOC_CHARS)
-    assert len(pieces) >= 2 and all(len(p) <= corpus.MAX_DOC_CHARS for p in pieces)
+    pieces = split_document(text, MAX_DOC_CHARS)
+    assert len(pieces) >= 2 and all(len(p) <= MAX_DOC_CHARS for p in pieces)
     assert all(p.endswith(paragraph.strip()) for p in pieces)  # cut at paragraph boundaries
 
 # --- a build over a fake package tree
@@ -259,7 +260,7 @@ def test_build_corpus_on_fake_packages(tmp_path):
 
 def test_build_refuses_the_repository_and_bad_sources(tmp_path):
     with pytest.raises(PoEError, match="inside the repository"):
-        corpus.build_corpus(corpus.RECIPES_DIR.parent.parent / "corpus-out", sources=[], progress=False)
+        corpus.build_corpus(RECIPES_DIR.parent.parent / "corpus-out", sources=[], progress=False)
     with pytest.raises(PoEError, match="unknown language"):
         corpus.build_corpus(tmp_path, sources=[CorpusSource("x", "local", "MIT", lang="de", path=str(tmp_path))],
                             progress=False)
