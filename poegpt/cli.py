@@ -298,14 +298,33 @@ def cmd_plan(a) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="poegpt", description="GPTs trained as a Product of Experts over depth")
     sub = p.add_subparsers(dest="command", required=True)
-    from .train import TrainArgs
+    add_env_parser(sub)
+    add_info_parser(sub)
+    add_tokenizer_parser(sub)
+    from .corpus import add_corpus_parser
+    add_corpus_parser(sub)
+    from .hf import add_export_parser
+    add_export_parser(sub)
+    from .nanochat import add_parsers
+    add_parsers(sub)
+    from .server import add_serve_parser
+    add_serve_parser(sub)
+    add_prepare_parser(sub)
+    add_train_parser(sub)
+    add_eval_parser(sub)
+    add_generate_parser(sub)
+    add_calibrate_parser(sub)
+    add_pack_parser(sub)
+    add_plan_parser(sub)
+    return p
 
-    def _train_help(text: str, field: str) -> str:   # argparse's default is None: unset fields keep TrainArgs'
-        return f"{text} (default {getattr(TrainArgs, field)})".replace("%", "%%")
 
+def add_env_parser(sub) -> None:
     s = sub.add_parser("env", help="the CPU, its flags, torch's capability, threads, CUDA, and the dtype auto picks")
     s.set_defaults(fn=cmd_env)
 
+
+def add_info_parser(sub) -> None:
     s = sub.add_parser("info", help="config, parameter count and FLOPs of a preset, depth or checkpoint")
     s.add_argument("--preset", help="a named config: tiny, small, demo, 1.5b")
     s.add_argument("--depth", type=int, help="a nanochat-style config of this many layers (instead of --preset)")
@@ -313,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="checkpoint or run directory ('demo': the shipped demo model)")
     s.set_defaults(fn=cmd_info)
 
+
+def add_tokenizer_parser(sub) -> None:
     s = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
     s.add_argument("--recipe", default="sample", help="mixture recipe (name or JSON path) whose local sources to read")
     s.add_argument("--input", nargs="*", help="text files to train on instead of a recipe")
@@ -321,12 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="directory to write the tokenizer to")
     s.set_defaults(fn=cmd_tokenizer)
 
-    from .corpus import add_corpus_parser
-    add_corpus_parser(sub)
-    from .hf import add_export_parser; add_export_parser(sub)
-    from .nanochat import add_parsers; add_parsers(sub)
-    from .server import add_serve_parser; add_serve_parser(sub)
 
+def add_prepare_parser(sub) -> None:
     s = sub.add_parser("prepare", help="tokenise a mixture into shards + manifest")
     s.add_argument("--recipe", default="sample", help="mixture recipe: a name in poegpt/recipes or a JSON path (default %(default)s)")
     s.add_argument("--tokenizer", required=True, help="directory holding tokenizer_bpe.json")
@@ -335,6 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="shuffling seed (default %(default)s)")
     s.set_defaults(fn=cmd_prepare)
 
+
+def _train_help(text: str, field: str) -> str:
+    """Help for a train flag whose argparse default is None (unset fields keep TrainArgs'), with TrainArgs' default."""
+    from .train import TrainArgs
+    return f"{text} (default {getattr(TrainArgs, field)})".replace("%", "%%")
+
+
+def add_train_parser(sub) -> None:
     s = sub.add_parser("train", help="train a PoE model (resumable)")
     s.add_argument("--data", help="prepared data directory (poegpt prepare --out); taken from the run when resuming")
     s.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, bpb.png")
@@ -377,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_train)
 
+
+def add_eval_parser(sub) -> None:
     s = sub.add_parser("eval", help="the card's evaluation table, written under --out")
     s.add_argument("--model", help="checkpoint or run directory (default: the shipped demo model)")
     s.add_argument("--data", required=True, help="prepared data directory whose validation stream is scored")
@@ -387,19 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="eval", help="directory for report.json, metrics.csv and plots (default %(default)s)")
     s.set_defaults(fn=cmd_eval)
 
+
+def add_generate_parser(sub) -> None:
     s = sub.add_parser("generate", help="continue prompts in any of the six PoE modes")
     s.add_argument("--model", help="checkpoint or run directory (default: the shipped demo model)")
     s.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
-    s.add_argument("--mode", choices=["full", "prefix", "stage", "wand", "speculative", "composition", "all"],
-                   default="full", help="all: every mode with default options, as a table")
-    s.add_argument("--max-stages", dest="max_stages", type=int, help="prefix: how many stages")
-    s.add_argument("--stage", type=int, help="stage: which stage")
-    s.add_argument("--stages", type=int, nargs="+", help="composition: the stages to combine")
-    s.add_argument("--stage-weights", dest="stage_weights", type=float, nargs="+", help="composition: their weights")
-    s.add_argument("--safety", type=float, default=1.0, help="wand: bound multiplier (higher = deeper)")
-    s.add_argument("--p99-bounds", dest="p99_bounds", type=float, nargs="+", help="wand: bounds (else calibrated)")
-    s.add_argument("--draft-stage", dest="draft_stage", type=int, default=0, help="speculative: last draft stage")
-    s.add_argument("--k-draft", dest="k_draft", default="3", help="speculative: draft length, or auto")
+    add_mode_flags(s)
     s.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64, help="tokens to generate per prompt (default %(default)s)")
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     s.add_argument("--top-k", dest="top_k", type=int, help="sample from the k most likely tokens (default: all)")
@@ -415,6 +435,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "mode but WAND; pays for long generations (each step shape compiles once, seconds)")
     s.set_defaults(fn=cmd_generate)
 
+
+def add_mode_flags(p) -> None:
+    """The flags that choose an inference mode and its options (generate)."""
+    p.add_argument("--mode", choices=["full", "prefix", "stage", "wand", "speculative", "composition", "all"],
+                   default="full", help="all: every mode with default options, as a table")
+    p.add_argument("--max-stages", dest="max_stages", type=int, help="prefix: how many stages")
+    p.add_argument("--stage", type=int, help="stage: which stage")
+    p.add_argument("--stages", type=int, nargs="+", help="composition: the stages to combine")
+    p.add_argument("--stage-weights", dest="stage_weights", type=float, nargs="+", help="composition: their weights")
+    p.add_argument("--safety", type=float, default=1.0, help="wand: bound multiplier (higher = deeper)")
+    p.add_argument("--p99-bounds", dest="p99_bounds", type=float, nargs="+", help="wand: bounds (else calibrated)")
+    p.add_argument("--draft-stage", dest="draft_stage", type=int, default=0, help="speculative: last draft stage")
+    p.add_argument("--k-draft", dest="k_draft", default="3", help="speculative: draft length, or auto")
+
+
+def add_calibrate_parser(sub) -> None:
     s = sub.add_parser("calibrate", help="measure WAND bounds and speculative thresholds; store them in the checkpoint")
     s.add_argument("--model", help="checkpoint or run directory (its newest checkpoint is updated)")
     s.add_argument("--data", required=True, help="prepared data directory to calibrate on (its validation stream)")
@@ -422,11 +458,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="rows per forward pass (default %(default)s)")
     s.add_argument("--quantile", type=float, default=0.99, help="quantile of the WAND bounds (default %(default)s)")
     s.set_defaults(fn=cmd_calibrate)
+
+
+def add_pack_parser(sub) -> None:
     s = sub.add_parser("pack", help="a slim inference checkpoint (weights in bf16, no optimiser state)")
     s.add_argument("checkpoint", help="checkpoint or run directory (its newest checkpoint)")
     s.add_argument("out", help="directory of the slim checkpoint")
     s.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="stored weight dtype (default %(default)s)")
     s.set_defaults(fn=cmd_pack)
+
+
+def add_plan_parser(sub) -> None:
     s = sub.add_parser("plan", help="memory, micro-batch, FLOPs and GPU-hours of a training run")
     s.add_argument("--preset", default="1.5b", help="config preset (default %(default)s)")
     s.add_argument("--depth", type=int, help="a nanochat-style config of this many layers (instead of --preset)")
@@ -437,7 +479,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default %(default)s)")
     s.add_argument("--gpu-tflops", dest="gpu_tflops", type=float, default=989.0, help="peak bf16 TFLOP/s per GPU")
     s.set_defaults(fn=cmd_plan)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -220,15 +220,28 @@ def _fmt(x) -> str:
 
 
 def model_card(name: str, cfg, counts: dict, meta: dict, report: dict | None, calibration: dict) -> str:
-    b, K = cfg.boundaries, cfg.n_stages
-    lines = [
+    """The README.md of an exported folder, section by section."""
+    return "\n".join([*_card_front_matter(name, cfg), *_card_architecture(cfg, counts), *_card_stages(cfg),
+                      *_card_usage(name, cfg), *_card_vllm(name, cfg), *_card_wand(calibration),
+                      *_card_evaluation(cfg, meta, report), *_card_files()])
+
+
+def _card_front_matter(name: str, cfg) -> list[str]:
+    """The Hub's YAML header, the title and what the model is."""
+    return [
         "---", "library_name: transformers", "pipeline_tag: text-generation",
         "tags: [poegpt, product-of-experts, log-op, custom_code]", "---", "",
         f"# {name}", "",
         "A GPT trained as a **Product of Experts over depth** with poegpt. The "
-        f"{cfg.n_layer}-layer trunk is cut into {K} stages; every stage boundary has a next-token head "
+        f"{cfg.n_layer}-layer trunk is cut into {cfg.n_stages} stages; every stage boundary has a next-token head "
         "(a shared head plus an additive stage head) and the stages' distributions are combined by a "
         "geometric mean (Log-OP). One set of weights serves six inference modes.", "",
+    ]
+
+
+def _card_architecture(cfg, counts: dict) -> list[str]:
+    """The config as a table, and what the trunk is made of."""
+    return [
         "## Architecture", "",
         "| field | value |", "|---|---|",
         f"| parameters | {counts['total']:,} |",
@@ -244,16 +257,30 @@ def model_card(name: str, cfg, counts: dict, meta: dict, report: dict | None, ca
         "", "The trunk is nanochat's GPT: smear gate, resid/x0 scalars, parameter-free RMSNorm, rotary, "
         "QK-norm, GQA, sliding windows, value embeddings, ReLU² MLP, a mid-network backout "
         f"(applied to boundaries at or past layer {cfg.backout_layer}), soft-capped logits.", "",
+    ]
+
+
+def _card_stages(cfg) -> list[str]:
+    """One row per stage: its own layers, the layers it runs, its boundary and head."""
+    b = cfg.boundaries
+    lines = [
         "## Stages", "",
         "| stage | own layers | runs layers | boundary | share of trunk | head |", "|---|---|---|---|---|---|",
     ]
-    for k in range(K):
+    for k in range(cfg.n_stages):
         first = 0 if k == 0 else b[k - 1] + 1
         lines.append(f"| s{k} | {first}–{b[k]} ({cfg.stage_layout[k]}) | 0–{b[k]} | {b[k]} | "
                      f"{100 * (b[k] + 1) / cfg.n_layer:.1f}% | softcap((W_s + W_{k}) · norm(h_{b[k]})) |")
-    lines += [
+    return lines + [
         "", "Full PoE: `log p = normalise(mean_k log p_k)`. Prefix PoE of the first m stages runs layers "
         "0..b_{m-1} only.", "",
+    ]
+
+
+def _card_usage(name: str, cfg) -> list[str]:
+    """Loading with transformers, and a call for each of the six modes."""
+    K = cfg.n_stages
+    return [
         "## Usage", "",
         "Offline, with `trust_remote_code=True` (the modeling files in this folder are poegpt's own "
         "modules; poegpt need not be installed):", "",
@@ -282,7 +309,12 @@ def model_card(name: str, cfg, counts: dict, meta: dict, report: dict | None, ca
         "lengths, and return the prompt followed by the new tokens. Speculative greedy output equals "
         "full-PoE greedy output; with `do_sample=True` it follows the full-PoE distribution exactly.", "",
     ]
-    lines += [
+
+
+def _card_vllm(name: str, cfg) -> list[str]:
+    """Serving the full (or prefix) PoE with the vLLM plugin."""
+    K = cfg.n_stages
+    return [
         "### vLLM", "",
         "With poegpt's vLLM plugin (`pip install 'poegpt[vllm]'`; vLLM's CPU build in an environment of its "
         "own, see poegpt's docs/vllm.md), vLLM serves the exact full-PoE distribution:", "",
@@ -293,7 +325,11 @@ def model_card(name: str, cfg, counts: dict, meta: dict, report: dict | None, ca
         f"`--hf-overrides '{{\"poe_max_stages\": {max(1, K // 2)}}}'` serves the prefix PoE instead (and skips the "
         "layers it does not need). WAND, self-speculative decoding and per-request modes need `poegpt serve`.", "",
     ]
-    lines += ["### WAND calibration", ""]
+
+
+def _card_wand(calibration: dict) -> list[str]:
+    """The calibrated WAND bounds, or how to pass some."""
+    lines = ["### WAND calibration", ""]
     bounds = calibration.get("wand_p99_bounds")
     if bounds:
         where = f" over {calibration['positions']:,} positions" if isinstance(calibration.get("positions"), int) else ""
@@ -303,45 +339,58 @@ def model_card(name: str, cfg, counts: dict, meta: dict, report: dict | None, ca
     else:
         lines += ["No WAND bounds were calibrated for this checkpoint (`poegpt calibrate`); pass "
                   "`p99_bounds=[...]` to `generate_wand`.", ""]
-    lines += ["## Evaluation", ""]
+    return lines
+
+
+def _card_evaluation(cfg, meta: dict, report: dict | None) -> list[str]:
+    """The metrics of the exported eval report, else of the last validation pass of training."""
+    lines = ["## Evaluation", ""]
     metrics = report.get("metrics") if report else None
     source = "from `eval/report.json` (`poegpt eval`)"
     if metrics is None and isinstance(meta.get("val"), dict) and "bpb" in meta["val"]:
         metrics = meta["val"]
         source = f"from the validation pass of training at step {meta.get('step', '?')} (no `poegpt eval` report was exported)"
     if metrics is None:
-        lines += ["No evaluation results are recorded for this checkpoint.", ""]
-    else:
-        bpb, acc = metrics["bpb"], metrics.get("accuracy", {})
-        lines += [f"Bits per byte (lower is better) and next-token accuracy on {metrics.get('tokens', '?'):,} "
-                  f"validation tokens, {source}." if isinstance(metrics.get("tokens"), int) else
-                  f"Bits per byte and next-token accuracy, {source}.", "",
-                  "| metric | value |", "|---|---|",
-                  f"| full PoE BPB | {_fmt(bpb['full'])} |"]
-        if "entropy_weighted" in bpb:
-            lines.append(f"| entropy-weighted BPB (alpha {metrics.get('entropy_alpha', '?')}) | {_fmt(bpb['entropy_weighted'])} |")
-        if "full" in acc:
-            lines.append(f"| full PoE next-token accuracy | {_fmt(acc['full'])} |")
-        lines.append(f"| stage BPB | {' / '.join(_fmt(x) for x in bpb['stages'])} |")
-        if "prefix" in bpb:
-            lines.append(f"| prefix BPB (first 1..{K} stages) | {' / '.join(_fmt(x) for x in bpb['prefix'])} |")
-        if "stages" in acc:
-            lines.append(f"| stage accuracy | {' / '.join(_fmt(x) for x in acc['stages'])} |")
-        agreement = metrics.get("agreement")
-        if agreement and K > 1:
-            lines.append(f"| s{K - 2}–s{K - 1} top-1 agreement | {_fmt(agreement[K - 2][K - 1])} |")
-        pr = report.get("prompt_ranks") if report else None
-        if pr:
-            lines.append(f"| prompt target rank, full PoE vs shared head | {pr['mean_rank_full']:.1f} vs "
-                         f"{pr['mean_rank_shared']:.1f} (wins/ties/losses {pr['wins']}/{pr['ties']}/{pr['losses']}) |")
-        lines.append("")
-        if report:
-            lines += ["The full report (JSON, CSV and figures) is in `eval/`.", ""]
-    lines += ["## Files", "",
-              "`configuration_poegpt.py` and `modeling_poegpt.py` wrap poegpt's model for transformers; "
-              "`poegpt_*.py` are poegpt's own modules, copied unchanged but for their relative imports. "
-              "`poegpt import-hf FOLDER OUT` turns this folder back into a poegpt checkpoint.", ""]
-    return "\n".join(lines)
+        return lines + ["No evaluation results are recorded for this checkpoint.", ""]
+    lines += _card_metrics_table(metrics, source, report.get("prompt_ranks") if report else None, cfg.n_stages)
+    lines.append("")
+    if report:
+        lines += ["The full report (JSON, CSV and figures) is in `eval/`.", ""]
+    return lines
+
+
+def _card_metrics_table(metrics: dict, source: str, pr: dict | None, K: int) -> list[str]:
+    """The sentence saying where the metrics come from, and their table."""
+    bpb, acc = metrics["bpb"], metrics.get("accuracy", {})
+    lines = [f"Bits per byte (lower is better) and next-token accuracy on {metrics.get('tokens', '?'):,} "
+             f"validation tokens, {source}." if isinstance(metrics.get("tokens"), int) else
+             f"Bits per byte and next-token accuracy, {source}.", "",
+             "| metric | value |", "|---|---|",
+             f"| full PoE BPB | {_fmt(bpb['full'])} |"]
+    if "entropy_weighted" in bpb:
+        lines.append(f"| entropy-weighted BPB (alpha {metrics.get('entropy_alpha', '?')}) | {_fmt(bpb['entropy_weighted'])} |")
+    if "full" in acc:
+        lines.append(f"| full PoE next-token accuracy | {_fmt(acc['full'])} |")
+    lines.append(f"| stage BPB | {' / '.join(_fmt(x) for x in bpb['stages'])} |")
+    if "prefix" in bpb:
+        lines.append(f"| prefix BPB (first 1..{K} stages) | {' / '.join(_fmt(x) for x in bpb['prefix'])} |")
+    if "stages" in acc:
+        lines.append(f"| stage accuracy | {' / '.join(_fmt(x) for x in acc['stages'])} |")
+    agreement = metrics.get("agreement")
+    if agreement and K > 1:
+        lines.append(f"| s{K - 2}–s{K - 1} top-1 agreement | {_fmt(agreement[K - 2][K - 1])} |")
+    if pr:
+        lines.append(f"| prompt target rank, full PoE vs shared head | {pr['mean_rank_full']:.1f} vs "
+                     f"{pr['mean_rank_shared']:.1f} (wins/ties/losses {pr['wins']}/{pr['ties']}/{pr['losses']}) |")
+    return lines
+
+
+def _card_files() -> list[str]:
+    """What the files of the folder are."""
+    return ["## Files", "",
+            "`configuration_poegpt.py` and `modeling_poegpt.py` wrap poegpt's model for transformers; "
+            "`poegpt_*.py` are poegpt's own modules, copied unchanged but for their relative imports. "
+            "`poegpt import-hf FOLDER OUT` turns this folder back into a poegpt checkpoint.", ""]
 
 
 # --- export / import ---------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import torch
 
 from .checkpoint import (checkpoints_in, load_state, load_training_state, prune_checkpoints, read_meta,
                          write_checkpoint, STEP_PREFIX)
-from .distributed import all_reduce_mean, barrier, full_state, init_distributed, parallelize
+from .distributed import DistInfo, all_reduce_mean, barrier, full_state, init_distributed, parallelize
 from .config import PoEConfig
 from .errors import PoEError
 from .evaluate import stream_metrics
@@ -166,43 +166,58 @@ def resume_args(run_dir, steps: int | None = None, progress: bool = True) -> Tra
 
 def train(args: TrainArgs, resume: bool = False, stop_at: int | None = None) -> dict:
     """Train (or resume) a run; returns the last metrics row."""
+    run = _start(args, resume, stop_at)
+    row: dict = {}
+    run.model.train()
+    while run.step < run.end:
+        row = _train_step(run)
+        run.progress.step(row)
+        _gather_evaluate_save(run)
+    run.progress.close()
+    return {**row, "val": run.last_val, "step": run.step}
+
+
+@dataclass
+class _Run:
+    """A run in progress: built by `_start`, advanced one optimiser step at a time by `_train_step`."""
+    args: TrainArgs
+    run_dir: Path
+    metrics_path: Path
+    info: DistInfo
+    device: torch.device
+    cfg: PoEConfig
+    tokenizer: object
+    model: PoEGPT                               # the module (checkpoints, evaluation)
+    step_model: object                          # what a step calls: the module wrapped for DDP / FSDP
+    stage_parallel: bool
+    optimizers: list
+    loader: object
+    accum: int                                  # micro-batches per optimiser step
+    tokens_per_step: int
+    step: int
+    last_val: dict | None
+    token_bytes: torch.Tensor
+    amp: object
+    flops_per_token: float
+    peak: float                                 # measured FLOP/s: MFU's denominator
+    end: int                                    # the step this invocation stops after
+    progress: "_Progress"
+
+
+def _start(args: TrainArgs, resume: bool, stop_at: int | None) -> _Run:
+    """Everything before the first step: checks, device and ranks, model, optimisers, data, and the
+    state of the newest checkpoint when resuming."""
     from .data import TokenLoader
     from .tokenizer import Tokenizer
     run_dir = Path(args.out)
-    ckpts = checkpoints_in(run_dir)
-    if ckpts and not resume:
-        raise PoEError(f"{run_dir} already holds checkpoints; pass --resume to continue, or choose a new --out")
-    latest = ckpts[-1] if ckpts else None
+    latest = _latest_checkpoint(run_dir, resume)
     if args.steps < 1 or args.batch_size < 1:
         raise PoEError("--steps and --batch-size must be >= 1")
-
-    device = resolve_device(args.device)
-    info = init_distributed(device.type)
-    dtype = resolve_dtype_name(args.dtype, device, warn=args.dtype != "fp16")  # fp16: autocast_for says no
-    set_threads(args.threads)
-    if info.enabled and device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
+    device, info, dtype = _device_and_ranks(args)
     tokenizer = Tokenizer.load(args.data)
     cfg = args.model_config(tokenizer.vocab_size)
-    data_ranks = 1 if args.parallel == "stage" else info.world_size
-    micro_tokens = args.batch_size * cfg.sequence_len * data_ranks        # one micro-step over all ranks
-    tokens_per_step = args.tokens_per_step or micro_tokens
-    if tokens_per_step % micro_tokens:
-        raise PoEError(f"--tokens-per-step ({tokens_per_step}) must be a multiple of batch_size × sequence_len × "
-                       f"ranks ({micro_tokens})")
-    accum = tokens_per_step // micro_tokens
-
-    torch.manual_seed(args.seed)
-    model = PoEGPT(cfg).to(device, torch.float64 if dtype == "fp64" else torch.float32)
-    if latest is not None:
-        load_state(latest, model)
-    stage_parallel = args.parallel == "stage" and info.enabled
-    if stage_parallel:
-        from .stage_parallel import all_reduce_shared_grads, check_stage_parallel, gather_owned, stage_loss_step
-        check_stage_parallel(model, info.world_size)
-        step_model = model
-    else:
-        step_model = parallelize(model, args.parallel, info)   # what the step calls; `model` stays the module
+    tokens_per_step, accum = _accumulation(args, cfg, info.world_size)
+    model, step_model, stage_parallel = _build_model(args, cfg, info, device, dtype, latest)
     optimizers = build_optimizers(model, matrix_lr=args.matrix_lr, unembedding_lr=args.unembedding_lr,
                                   embedding_lr=args.embedding_lr)
     loader = TokenLoader(args.data, "train", args.batch_size, cfg.sequence_len, tokenizer=tokenizer,
@@ -215,80 +230,182 @@ def train(args: TrainArgs, resume: bool = False, stop_at: int | None = None) -> 
         step, last_val = meta["step"], meta.get("val")
     metrics_path = run_dir / "metrics.jsonl"
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if latest is not None:
-            _truncate_metrics(metrics_path, step)
-        elif metrics_path.exists():
-            metrics_path.unlink()
+        _start_metrics(run_dir, metrics_path, resumed_at=None if latest is None else step)
     token_bytes = torch.tensor(tokenizer.token_byte_lengths(), device=device)
     amp = autocast_for(device, dtype)
     flops_per_token = model.train_flops_per_token()
     peak = measure_peak_flops(device, dtype)
     end = args.steps if stop_at is None else min(stop_at, args.steps)
+    progress = _Progress(args.progress and info.is_main, step, end, args.steps)
+    return _Run(args=args, run_dir=run_dir, metrics_path=metrics_path, info=info, device=device, cfg=cfg,
+                tokenizer=tokenizer, model=model, step_model=step_model, stage_parallel=stage_parallel,
+                optimizers=optimizers, loader=loader, accum=accum, tokens_per_step=tokens_per_step, step=step,
+                last_val=last_val, token_bytes=token_bytes, amp=amp, flops_per_token=flops_per_token, peak=peak,
+                end=end, progress=progress)
 
-    from tqdm import tqdm
-    log = args.progress and info.is_main
-    interactive = log and sys.stderr.isatty()  # a bar on a terminal, plain log lines in a log file
-    bar = tqdm(total=end, initial=step, disable=not interactive, desc="train", dynamic_ncols=True)
-    log_every = max(1, (end - step) // 20)
-    row: dict = {}
-    model.train()
-    while step < end:
-        t0 = time.perf_counter()
-        lr_mult = set_schedule(optimizers, step, args.steps, args.warmup_steps, args.warmdown_ratio)
-        loss_sum, stage_sum = 0.0, None
-        for _ in range(accum):
-            x, y = (t.to(device) for t in loader.next_batch())
-            with amp:
-                if stage_parallel:   # this rank's stage only; it runs its own backward
-                    loss = stage_loss_step(model, x, y, scale=1 / accum) * cfg.n_stages
-                    stage_ce = torch.full((cfg.n_stages,), float("nan"))
-                else:
-                    loss, stage_ce = step_model(x, y, loss_chunk=args.loss_chunk, compile_loss=args.compile_loss)
-                    (loss / accum).backward()
-            loss_sum += loss.detach() / accum
-            stage_sum = stage_ce / accum if stage_sum is None else stage_sum + stage_ce / accum
-        if stage_parallel:
-            all_reduce_shared_grads(model)
-        loss_sum = all_reduce_mean(loss_sum).item()      # stage ranks: the mean of K terms x K = their sum
-        stage_sum = all_reduce_mean(stage_sum)
-        if not math.isfinite(loss_sum):
-            raise PoEError(f"the loss became {loss_sum} at step {step}; lower the learning rates or use fp32")
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        step += 1
-        dt = time.perf_counter() - t0
-        tok_s = tokens_per_step / dt
-        row = {"step": step, "loss": loss_sum, "stage_ce": stage_sum.tolist(), "lr_mult": lr_mult,
-               "tokens": step * tokens_per_step, "tok_s": tok_s, "mfu": flops_per_token * tok_s / peak}
-        if info.is_main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * row['mfu']:.1f}%")
-        if log and not interactive and (step % log_every == 0 or step == end):
-            print(f"step {step}/{args.steps} | loss {loss_sum:.4f} | {tok_s:,.0f} tok/s | MFU {100 * row['mfu']:.1f}%",
+
+def _latest_checkpoint(run_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None for a new run); a run that has some needs `resume`."""
+    ckpts = checkpoints_in(run_dir)
+    if ckpts and not resume:
+        raise PoEError(f"{run_dir} already holds checkpoints; pass --resume to continue, or choose a new --out")
+    return ckpts[-1] if ckpts else None
+
+
+def _device_and_ranks(args: TrainArgs):
+    """(device, distributed info, dtype name): this rank's device, torchrun's ranks, threads set."""
+    device = resolve_device(args.device)
+    info = init_distributed(device.type)
+    dtype = resolve_dtype_name(args.dtype, device, warn=args.dtype != "fp16")  # fp16: autocast_for says no
+    set_threads(args.threads)
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    return device, info, dtype
+
+
+def _accumulation(args: TrainArgs, cfg: PoEConfig, world_size: int) -> tuple[int, int]:
+    """(tokens per optimiser step, micro-batches per step on each rank)."""
+    data_ranks = 1 if args.parallel == "stage" else world_size
+    micro_tokens = args.batch_size * cfg.sequence_len * data_ranks        # one micro-step over all ranks
+    tokens_per_step = args.tokens_per_step or micro_tokens
+    if tokens_per_step % micro_tokens:
+        raise PoEError(f"--tokens-per-step ({tokens_per_step}) must be a multiple of batch_size × sequence_len × "
+                       f"ranks ({micro_tokens})")
+    return tokens_per_step, tokens_per_step // micro_tokens
+
+
+def _build_model(args: TrainArgs, cfg: PoEConfig, info: DistInfo, device, dtype: str, latest: Path | None):
+    """(model, the module a step calls, stage_parallel): seeded init, the checkpoint's weights when
+    resuming, then the parallel wrapping under torchrun."""
+    torch.manual_seed(args.seed)
+    model = PoEGPT(cfg).to(device, torch.float64 if dtype == "fp64" else torch.float32)
+    if latest is not None:
+        load_state(latest, model)
+    stage_parallel = args.parallel == "stage" and info.enabled
+    if stage_parallel:
+        from .stage_parallel import check_stage_parallel
+        check_stage_parallel(model, info.world_size)
+        return model, model, True
+    step_model = parallelize(model, args.parallel, info)   # what the step calls; `model` stays the module
+    return model, step_model, False
+
+
+def _start_metrics(run_dir: Path, metrics_path: Path, resumed_at: int | None) -> None:
+    """Create the run directory; a new run starts a fresh metrics log, a resumed one drops rows past its checkpoint."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resumed_at is not None:
+        _truncate_metrics(metrics_path, resumed_at)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+
+def _append_metrics(run: _Run, row: dict) -> None:
+    with open(run.metrics_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _train_step(run: _Run) -> dict:
+    """One optimiser step over `accum` micro-batches; returns its metrics row (logged by the main rank)."""
+    args = run.args
+    t0 = time.perf_counter()
+    lr_mult = set_schedule(run.optimizers, run.step, args.steps, args.warmup_steps, args.warmdown_ratio)
+    loss_sum, stage_sum = _accumulate_gradients(run)
+    for opt in run.optimizers:
+        opt.step()
+    run.model.zero_grad(set_to_none=True)
+    run.step += 1
+    dt = time.perf_counter() - t0
+    tok_s = run.tokens_per_step / dt
+    row = {"step": run.step, "loss": loss_sum, "stage_ce": stage_sum.tolist(), "lr_mult": lr_mult,
+           "tokens": run.step * run.tokens_per_step, "tok_s": tok_s, "mfu": run.flops_per_token * tok_s / run.peak}
+    if run.info.is_main:
+        _append_metrics(run, row)
+    return row
+
+
+def _accumulate_gradients(run: _Run) -> tuple[float, torch.Tensor]:
+    """Forward and backward over `accum` micro-batches; (loss, per-stage CE), averaged over them and the ranks."""
+    args, cfg, accum = run.args, run.cfg, run.accum
+    if run.stage_parallel:
+        from .stage_parallel import all_reduce_shared_grads, stage_loss_step
+    loss_sum, stage_sum = 0.0, None
+    for _ in range(accum):
+        x, y = (t.to(run.device) for t in run.loader.next_batch())
+        with run.amp:
+            if run.stage_parallel:   # this rank's stage only; it runs its own backward
+                loss = stage_loss_step(run.model, x, y, scale=1 / accum) * cfg.n_stages
+                stage_ce = torch.full((cfg.n_stages,), float("nan"))
+            else:
+                loss, stage_ce = run.step_model(x, y, loss_chunk=args.loss_chunk, compile_loss=args.compile_loss)
+                (loss / accum).backward()
+        loss_sum += loss.detach() / accum
+        stage_sum = stage_ce / accum if stage_sum is None else stage_sum + stage_ce / accum
+    if run.stage_parallel:
+        all_reduce_shared_grads(run.model)
+    loss_sum = all_reduce_mean(loss_sum).item()      # stage ranks: the mean of K terms x K = their sum
+    stage_sum = all_reduce_mean(stage_sum)
+    if not math.isfinite(loss_sum):
+        raise PoEError(f"the loss became {loss_sum} at step {run.step}; lower the learning rates or use fp32")
+    return loss_sum, stage_sum
+
+
+def _gather_evaluate_save(run: _Run) -> None:
+    """After a step: validation every `eval_every` steps and at the last, a checkpoint every
+    `save_every` steps and where this invocation stops (stage ranks first gather the whole model)."""
+    args, step = run.args, run.step
+    if run.stage_parallel and (step % args.eval_every == 0 or step % args.save_every == 0 or step == run.end):
+        from .stage_parallel import gather_owned
+        gather_owned(run.model)
+    if step % args.eval_every == 0 or step == args.steps:
+        _evaluate(run)
+    if step % args.save_every == 0 or step == run.end:
+        _save(run)
+
+
+def _evaluate(run: _Run) -> None:
+    """Validation metrics (on every rank, for FSDP), logged and plotted by the main rank."""
+    run.last_val = validation_metrics(run.model, run.args, run.tokenizer, run.token_bytes, run.device, run.amp)
+    if run.info.is_main:
+        _append_metrics(run, {"step": run.step, "val": run.last_val})
+        run.progress.validation(run.step, run.last_val)
+        plot_metrics(run.run_dir)
+
+
+def _save(run: _Run) -> None:
+    """An atomic checkpoint of everything resume needs; older ones beyond `keep` are pruned."""
+    model_state, optim_state = full_state(run.model, run.optimizers)           # collective under FSDP
+    if run.info.is_main:
+        meta = {"step": run.step, "data_state": run.loader.state_dict(), "train_args": dataclasses.asdict(run.args),
+                "val": run.last_val, "tokens": run.step * run.tokens_per_step, "world_size": run.info.world_size}
+        write_checkpoint(run.run_dir / "checkpoints" / f"{STEP_PREFIX}{run.step:06d}", run.cfg, model_state,
+                         run.tokenizer, meta, optim_state)
+        prune_checkpoints(run.run_dir, run.args.keep)
+    barrier()
+
+
+class _Progress:
+    """A bar on a terminal, plain log lines in a log file; nothing unless `enabled` (args.progress, main rank)."""
+
+    def __init__(self, enabled: bool, step: int, end: int, steps: int):
+        from tqdm import tqdm
+        self.log = enabled
+        self.interactive = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=end, initial=step, disable=not self.interactive, desc="train", dynamic_ncols=True)
+        self.every = max(1, (end - step) // 20)
+        self.end, self.steps = end, steps
+
+    def step(self, row: dict) -> None:
+        step, loss, tok_s, mfu = row["step"], row["loss"], row["tok_s"], row["mfu"]
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * mfu:.1f}%")
+        if self.log and not self.interactive and (step % self.every == 0 or step == self.end):
+            print(f"step {step}/{self.steps} | loss {loss:.4f} | {tok_s:,.0f} tok/s | MFU {100 * mfu:.1f}%",
                   flush=True)
-        if stage_parallel and (step % args.eval_every == 0 or step % args.save_every == 0 or step == end):
-            gather_owned(model)
-        if step % args.eval_every == 0 or step == args.steps:
-            last_val = validation_metrics(model, args, tokenizer, token_bytes, device, amp)  # every rank (FSDP)
-            if info.is_main:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps({"step": step, "val": last_val}) + "\n")
-                if log:
-                    bar.write(f"step {step}: val BPB full {last_val['bpb']['full']:.4f} | stages "
-                              + " ".join(f"{b:.4f}" for b in last_val["bpb"]["stages"]))
-                plot_metrics(run_dir)
-        if step % args.save_every == 0 or step == end:
-            model_state, optim_state = full_state(model, optimizers)           # collective under FSDP
-            if info.is_main:
-                meta = {"step": step, "data_state": loader.state_dict(), "train_args": dataclasses.asdict(args),
-                        "val": last_val, "tokens": step * tokens_per_step, "world_size": info.world_size}
-                write_checkpoint(run_dir / "checkpoints" / f"{STEP_PREFIX}{step:06d}", cfg, model_state, tokenizer,
-                                 meta, optim_state)
-                prune_checkpoints(run_dir, args.keep)
-            barrier()
-    bar.close()
-    return {**row, "val": last_val, "step": step}
+
+    def validation(self, step: int, val: dict) -> None:
+        if self.log:
+            self.bar.write(f"step {step}: val BPB full {val['bpb']['full']:.4f} | stages "
+                           + " ".join(f"{b:.4f}" for b in val["bpb"]["stages"]))
+
+    def close(self) -> None:
+        self.bar.close()
