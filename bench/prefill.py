@@ -23,7 +23,8 @@ import time
 def measure(depth: int, context: int, pattern: str, dtype: str, repeats: int, queue) -> None:
     import torch
     from poegpt import PoEConfig, PoEGPT
-    from poegpt.engine import StageMix, new_cache, prefill
+    from poegpt.cache import new_cache
+    from poegpt.engine import StageMix, prefill
 
     cfg = PoEConfig.from_depth(depth, vocab_size=8192, sequence_len=context, window_pattern=pattern)
     torch.manual_seed(0)

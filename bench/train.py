@@ -50,6 +50,7 @@ def peak_mb() -> float:
 def measure(name: str, objective: str, steps: int, dtype: str, device: str, compile_loss: bool, queue) -> None:
     import torch
     from poegpt import PoEConfig, PoEGPT
+    from poegpt.objectives import model_loss
     from poegpt.optim import build_optimizers
     from poegpt.train import autocast_for, resolve_device
 
@@ -71,7 +72,7 @@ def measure(name: str, objective: str, steps: int, dtype: str, device: str, comp
 
     def step():
         with amp:
-            loss, _ = model(data[:, :-1], data[:, 1:], compile_loss=compile_loss)
+            loss, _ = model_loss(model, data[:, :-1], data[:, 1:], compile_loss=compile_loss)
         loss.backward()
         for o in opts:
             o.step()

@@ -8,7 +8,7 @@
 
 from .config import PoEConfig
 from .errors import PoEError
-from .model import PoEGPT
+from .api import PoEGPT
 
 __version__ = "0.1.0"
 __all__ = ["PoEConfig", "PoEGPT", "PoEError", "load", "__version__"]

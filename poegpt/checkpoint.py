@@ -166,7 +166,8 @@ def load_state(path, model) -> None:
 
 def load_model(path=None, device="cpu", dtype: torch.dtype = torch.float32):
     """(model in eval mode, tokenizer or None) from a checkpoint / run directory / None = demo model."""
-    from .model import PoEGPT
+    from .api import PoEGPT
+    from .config import Calibration
     from .tokenizer import TOKENIZER_FILE, Tokenizer
     ckpt = resolve_checkpoint(path)
     cfg = PoEConfig.load(ckpt)
@@ -178,6 +179,7 @@ def load_model(path=None, device="cpu", dtype: torch.dtype = torch.float32):
     model = model.to(dtype).eval()
     tok = Tokenizer.load(ckpt) if (ckpt / TOKENIZER_FILE).exists() else None
     model.checkpoint_meta = read_meta(ckpt) if (ckpt / META_FILE).exists() else {}
+    model.calibration = Calibration.from_meta(model.checkpoint_meta.get("calibration"))
     return model, tok
 
 

@@ -32,7 +32,7 @@ def cmd_env(a) -> None:
 def cmd_info(a) -> None:
     import torch
     from .config import PoEConfig
-    from .model import PoEGPT
+    from .model import PoEModel as PoEGPT
     meta = None
     if a.model:
         from .checkpoint import read_meta, resolve_checkpoint
@@ -166,7 +166,7 @@ def cmd_generate(a) -> None:
 
     from .checkpoint import load_model
     from .engine import Sampling, compile_decode
-    from .modes import ModeSpec
+    from .modes import MODES, ModeSpec
     from .hardware import resolve_dtype, set_threads
     set_threads(a.threads)
     model, tok = load_model(a.model, dtype=resolve_dtype(a.dtype))
@@ -180,12 +180,14 @@ def cmd_generate(a) -> None:
                         seed=a.seed)
     if a.mode == "all":
         return _generate_all_modes(model, tok, a, sampling)
-    k_draft = a.k_draft if a.k_draft == "auto" else _positive_int(a.k_draft, "--k-draft")
-    spec = ModeSpec(a.mode, max_stages=a.max_stages, stage=a.stage,
-                    stages=None if a.stages is None else tuple(a.stages),
-                    stage_weights=None if a.stage_weights is None else tuple(a.stage_weights),
-                    safety=a.safety, p99_bounds=None if a.p99_bounds is None else tuple(a.p99_bounds),
-                    draft_stage=a.draft_stage, k_draft=k_draft)
+    try:
+        spec = ModeSpec(a.mode, **{f.name: getattr(a, f.name, None) for f in MODES[a.mode].fields})
+        spec.check(model)
+    except PoEError as e:   # name the flag the user typed
+        msg = str(e)
+        for f in MODES[a.mode].fields:
+            msg = msg.replace(f.name, f.flag, 1) if msg.startswith(f.name) else msg
+        raise PoEError(msg) from None
     for p in a.prompt:
         print(p, end="", flush=True)
         text, gen, dt = _run_mode(model, tok, p, spec, a, sampling, echo=a.stream)
@@ -215,43 +217,24 @@ def _run_mode(model, tok, prompt, spec, a, sampling, echo=False):
 
 
 def _generate_all_modes(model, tok, a, sampling) -> None:
-    """Each prompt in each of the six modes (default options), as a table."""
-    from .modes import ModeSpec
-    K = model.config.n_stages
-    b = model.config.boundaries
-    calibrated = "wand_p99_bounds" in getattr(model, "checkpoint_meta", {}).get("calibration", {})
-    specs = [("full", ModeSpec("full"), b[-1] + 1),
-             (f"prefix {K // 2}", ModeSpec("prefix", max_stages=K // 2), b[K // 2 - 1] + 1),
-             ("stage 0", ModeSpec("stage", stage=0), b[0] + 1),
-             (f"composition {list(range(0, K, 2))}", ModeSpec("composition", stages=tuple(range(0, K, 2))),
-              b[2 * ((K - 1) // 2)] + 1),
-             ("speculative d0 auto", ModeSpec("speculative", draft_stage=0, k_draft="auto"), None),
-             ("wand safety 1" if calibrated else "wand (no calibration: inf bounds)",
-              ModeSpec("wand", p99_bounds=None if calibrated else (float("inf"),) * (K - 1)), None)]
-    if not sampling.greedy:
-        specs = [s for s in specs if s[1].mode != "wand"]
+    """Each prompt in every mode of the table (its showcase settings), as a table."""
+    from .modes import MODES, ModeSpec
+    specs = [(label, ModeSpec(name, **fields)) for name, mode in MODES.items()
+             for label, fields in mode.examples(model.config, model.calibration)
+             if sampling.greedy or not mode.greedy_only]
     for p in a.prompt:
         print(f"\n{p!r}")
-        print(f"  {'mode':<28}{'tok/s':>8}{'layers/tok':>11}{'accept':>8}  text")
-        for label, spec, layers in specs:
+        print(f"  {'mode':<34}{'tok/s':>8}{'layers/tok':>11}{'accept':>8}  text")
+        for label, spec in specs:
             text, gen, dt = _run_mode(model, tok, p, spec, a, sampling)
             n = max(len(gen.tokens[0]), 1)
-            if layers is None and gen.stages_used:
-                layers = gen.extra["layers_per_token"]     # lazy fills of skipped layers included
+            layers = gen.extra.get("layers_per_token")        # WAND: lazy fills of skipped layers included
+            if layers is None and spec.entry.batched:
+                layers = spec.entry.report(spec, gen, model.config, n)["layers_per_token"]
             layers = f"{layers:.2f}" if layers is not None else "-"
             accept = f"{gen.acceptance:.2f}" if gen.drafted else "-"
             shown = " ".join(text.split())[:70]
-            print(f"  {label:<28}{n / dt:>8.1f}{layers:>11}{accept:>8}  {shown}")
-
-
-def _positive_int(value: str, name: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise PoEError(f"{name} must be a positive integer or 'auto', got {value!r}")
-    return n
+            print(f"  {label:<34}{n / dt:>8.1f}{layers:>11}{accept:>8}  {shown}")
 
 
 def cmd_calibrate(a) -> None:
@@ -437,17 +420,17 @@ def add_generate_parser(sub) -> None:
 
 
 def add_mode_flags(p) -> None:
-    """The flags that choose an inference mode and its options (generate)."""
-    p.add_argument("--mode", choices=["full", "prefix", "stage", "wand", "speculative", "composition", "all"],
-                   default="full", help="all: every mode with default options, as a table")
-    p.add_argument("--max-stages", dest="max_stages", type=int, help="prefix: how many stages")
-    p.add_argument("--stage", type=int, help="stage: which stage")
-    p.add_argument("--stages", type=int, nargs="+", help="composition: the stages to combine")
-    p.add_argument("--stage-weights", dest="stage_weights", type=float, nargs="+", help="composition: their weights")
-    p.add_argument("--safety", type=float, default=1.0, help="wand: bound multiplier (higher = deeper)")
-    p.add_argument("--p99-bounds", dest="p99_bounds", type=float, nargs="+", help="wand: bounds (else calibrated)")
-    p.add_argument("--draft-stage", dest="draft_stage", type=int, default=0, help="speculative: last draft stage")
-    p.add_argument("--k-draft", dest="k_draft", default="3", help="speculative: draft length, or auto")
+    """--mode and one flag per field of the mode table (`modes.MODES`), each saying which modes take it."""
+    from .modes import MODES, field_owners
+    p.add_argument("--mode", choices=[*MODES, "all"], default="full",
+                   help="the inference mode (all: every mode with its showcase options, as a table; default %(default)s)")
+    fields = {f.name: f for mode in MODES.values() for f in mode.fields}
+    kinds = {"int": dict(type=int), "float": dict(type=float), "ints": dict(type=int, nargs="+"),
+             "floats": dict(type=float, nargs="+"), "int_or_auto": dict()}
+    for name, owners in field_owners().items():
+        f = fields[name]
+        default = "" if f.default is None else f" (default {f.default})"
+        p.add_argument(f.flag, dest=name, help=f"{', '.join(owners)}: {f.help}{default}", **kinds[f.kind])
 
 
 def add_calibrate_parser(sub) -> None:

@@ -54,22 +54,23 @@ def init_distributed(device_type: str) -> DistInfo:
     return info
 
 
-def parallelize(model: torch.nn.Module, strategy: str, info: DistInfo) -> torch.nn.Module:
-    """The module to call in the training step: DDP-wrapped, or the model itself sharded by FSDP2."""
+def parallelize(step: torch.nn.Module, strategy: str, info: DistInfo) -> torch.nn.Module:
+    """The module to call in the training step (`objectives.PoELoss` over the model): DDP-wrapped, or
+    sharded by FSDP2 (each block, then the whole)."""
     if not info.enabled:
-        return model
+        return step
     if strategy not in STRATEGIES:
         raise PoEError(f"--parallel must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
-        device_ids = [info.local_rank] if next(model.parameters()).is_cuda else None
-        unused = model.config.objective == "final_only"   # it leaves the early stage heads without gradients
-        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=unused)
+        device_ids = [info.local_rank] if next(step.parameters()).is_cuda else None
+        unused = step.config.objective == "final_only"   # it leaves the early stage heads without gradients
+        return DistributedDataParallel(step, device_ids=device_ids, find_unused_parameters=unused)
     from torch.distributed.fsdp import fully_shard
-    for block in model.blocks:
+    for block in step.model.blocks:
         fully_shard(block)
-    fully_shard(model)
-    return model
+    fully_shard(step)
+    return step
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -13,6 +13,7 @@ emit EOS stop; text-level stop strings and streaming live in `stream_text`.
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from .errors import PoEError
 from .logop import logop, normalise_weights
-from .model import KVCache
+from .cache import KVCache, new_cache
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,7 @@ def one_row_matmuls(model, rows: int):
     yield."""
     p = model.lm_head.weight
     if (rows != 1 or p.device.type != "cpu" or p.dtype != torch.bfloat16 or not torch._C._get_mkldnn_enabled()
-            or getattr(model, "compile_decode", False) is False):
+            or fast_path(model) is None):
         yield
         return
     torch._C._set_mkldnn_enabled(False)
@@ -179,12 +180,6 @@ def one_row_matmuls(model, rows: int):
         yield
     finally:
         torch._C._set_mkldnn_enabled(True)
-
-
-def new_cache(model, batch: int, max_len: int) -> KVCache:
-    p = model.rope_cos
-    dtype = next(model.parameters()).dtype
-    return KVCache(model.config, batch, max_len, dtype=dtype, device=p.device)
 
 
 class DecodeStep:
@@ -205,7 +200,7 @@ class DecodeStep:
         self.fn = compiled(self._logprobs, backend)
 
     def _logprobs(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        hs = self.model.trunk(tok[:, None], self.mix.depth, self.cache, pos=pos[:, None])
+        _, hs = self.model.walk(tok[:, None], None, 0, self.mix.depth, pos[:, None], self.cache)
         return self.mix.logprobs(self.model, [h[:, -1] for h in hs], self.heads)
 
     def __call__(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -231,16 +226,33 @@ def step_slots(model, need: int) -> int:
     return min(model.config.sequence_len, -(-need // STEP_SLOTS) * STEP_SLOTS)
 
 
+class FastPath:
+    """A model's fast decode path: the torch.compile backend (None: the same fixed-shape steps
+    eager, for tests) and its compiled steps, most recently used last."""
+
+    def __init__(self, backend: str | None):
+        self.backend = backend
+        self.steps: dict[tuple, object] = {}
+
+
+_FAST: "weakref.WeakKeyDictionary[torch.nn.Module, FastPath]" = weakref.WeakKeyDictionary()
+
+
+def fast_path(model) -> FastPath | None:
+    """The model's fast path when `compile_decode` turned it on, else None."""
+    return _FAST.get(model)
+
+
 def cached_step(model, key: tuple, build):
-    """The model's step for `key`, built by `build()` on first use and kept in a small LRU. Built
+    """The model's step for `key`, built by `build(backend)` on first use and kept in a small LRU. Built
     again when the weights change (the summed heads are taken at build time)."""
+    fast = _FAST[model]
     p = model.lm_head.weight
     key = key + (p.dtype, p.device, tuple(w._version for w in model.parameters()))
-    steps = model.__dict__.setdefault("_decode_steps", {})
-    step = steps.pop(key, None) or build()
-    steps[key] = step                                        # most recently used last
-    while len(steps) > MAX_STEPS:
-        steps.pop(next(iter(steps)))
+    step = fast.steps.pop(key, None) or build(fast.backend)
+    fast.steps[key] = step                                   # most recently used last
+    while len(fast.steps) > MAX_STEPS:
+        fast.steps.pop(next(iter(fast.steps)))
     return step
 
 
@@ -248,7 +260,7 @@ def decode_step(model, mix: StageMix, batch: int, need: int) -> DecodeStep:
     """The model's compiled step for (mix, batch, a cache of >= need slots)."""
     max_len = step_slots(model, need)
     return cached_step(model, ("static", mix, batch, max_len),
-                       lambda: DecodeStep(model, mix, batch, max_len, model.compile_decode))
+                       lambda backend: DecodeStep(model, mix, batch, max_len, backend))
 
 
 def compile_decode(model, enabled: bool = True, backend: str | None = "inductor") -> None:
@@ -258,9 +270,11 @@ def compile_decode(model, enabled: bool = True, backend: str | None = "inductor"
     Off by default: a step compiles in ~10-60 s on a 2-core CPU per (mode, batch, cache size), which
     pays off for long-running use (a server, benchmarks, long generations), not for one short call.
     See docs/benchmarks.md for compiled vs eager tokens/s per mode."""
-    model.__dict__.pop("_decode_steps", None)
-    model.compile_decode = backend if enabled else False
-    if enabled and backend is not None:    # every (mode, batch, cache size) is one more graph of the same step
+    _FAST.pop(model, None)
+    if not enabled:
+        return
+    _FAST[model] = FastPath(backend)
+    if backend is not None:    # every (mode, batch, cache size) is one more graph of the same step
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * MAX_STEPS)
 
 
@@ -269,9 +283,9 @@ def prefill(model, cache: KVCache, rows: list[list[int]], n_stages: int) -> list
     device = model.rope_cos.device
     T = max(len(r) for r in rows)
     idx = torch.tensor([r + [0] * (T - len(r)) for r in rows], device=device)
-    cache.lengths = [0] * len(rows)               # from the start, also when the cache is reused
-    hs = model.trunk(idx, n_stages, cache)
-    cache.lengths = [len(r) for r in rows]        # padding positions are beyond each row's end: never seen
+    cache.reset()                                 # from the start, also when the cache is reused
+    _, hs = model.walk(idx, None, 0, n_stages, 0, cache)
+    cache.reset([len(r) for r in rows])           # padding positions are beyond each row's end: never seen
     last = torch.tensor([len(r) - 1 for r in rows], device=device)
     rows_ix = torch.arange(len(rows), device=device)
     return [h[rows_ix, last] for h in hs]
@@ -302,7 +316,7 @@ def decode_static(model, rows: list[list[int]], mix: StageMix, max_new_tokens: i
     device = model.rope_cos.device
     B = len(rows)
     need = max(len(r) for r in rows) + max_new_tokens
-    fast = decode_step(model, mix, B, need) if getattr(model, "compile_decode", False) is not False else None
+    fast = decode_step(model, mix, B, need) if fast_path(model) is not None else None
     cache = fast.cache if fast is not None else new_cache(model, B, need)
     heads = [model.head_weight(k) for k in mix.stages]       # summed once for the whole generation
     generator = sampling.generator(device)

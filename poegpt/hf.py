@@ -406,7 +406,7 @@ def _check_out(out: Path, force: bool, protect: Path | None = None) -> None:
 def _check_state(state: dict, cfg, where) -> None:
     """Tensor names and shapes must be those of a PoEGPT with this config."""
     import torch
-    from .model import PoEGPT
+    from .model import PoEModel as PoEGPT
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in PoEGPT(cfg).state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
@@ -428,7 +428,7 @@ def _load_tensors(f: Path) -> dict:
 
 def _param_counts(cfg) -> dict:
     import torch
-    from .model import PoEGPT
+    from .model import PoEModel as PoEGPT
     with torch.device("meta"):
         return PoEGPT(cfg).params_by_component()
 

@@ -1,4 +1,4 @@
-"""PoEGPT: nanochat's GPT trunk cut into Product-of-Experts stages (SPEC §1, trunk.md).
+"""PoEModel: nanochat's GPT trunk cut into Product-of-Experts stages — the network only (SPEC §1, trunk.md).
 
 The trunk (feature for feature nanochat's GPT): normed token embedding with a smear gate, per-layer
 resid/x0 scalars, parameter-free RMSNorm, rotary (base 100k), QK-norm (then ×1.2), GQA, sliding
@@ -18,14 +18,14 @@ value embeddings of its layers, shared head, scalars).
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import PoEConfig
+from .cache import KVCache, Positions
+from .config import Calibration, PoEConfig
 from .errors import PoEError
 from .logop import logop, logop_logits
 
@@ -89,82 +89,6 @@ def window_mask(q_pos: torch.Tensor, n_k: int, window: int) -> torch.Tensor:
     q = q_pos[..., None]
     k = torch.arange(n_k, device=q_pos.device)
     return (k <= q) & (q - k <= window)
-
-
-Positions = "int | torch.Tensor"  # one start position for every row, or (B, T) absolute positions
-
-
-class KVCache:
-    """Preallocated keys/values per layer (gpt-fast style): k[i], v[i] of shape (B, G, max_len, D),
-    plus every position's normed token embedding (B, max_len, d), which the smear gate of the next
-    position reads. Rows may hold different numbers of tokens: `lengths[b]` is row b's."""
-
-    # full_view: writes at per-row position tensors skip the host-side room check (the caller checks)
-    # and attention sees all max_len slots, masked by position: fixed shapes, no host syncs (the
-    # engine's compiled decode step)
-    full_view = False
-
-    def __init__(self, config: PoEConfig, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
-        if max_len > config.sequence_len:
-            raise PoEError(f"the KV cache cannot exceed the context of {config.sequence_len} tokens (asked {max_len})")
-        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
-        self.embeds = torch.zeros(batch_size, max_len, config.n_embd, dtype=dtype, device=device)
-        self.max_len = max_len
-        self.lengths = [0] * batch_size
-
-    def rows(self, start: int, stop: int, lengths: list[int] | None = None) -> "KVCache":
-        """Rows start..stop-1 as a cache of their own, sharing this cache's storage (writes go
-        through), holding `lengths` tokens per row (0 when None)."""
-        view = object.__new__(KVCache)
-        view.k = [k[start:stop] for k in self.k]
-        view.v = [v[start:stop] for v in self.v]
-        view.embeds = self.embeds[start:stop]
-        view.max_len, view.full_view = self.max_len, self.full_view
-        view.lengths = [0] * (stop - start) if lengths is None else list(lengths)
-        return view
-
-    @property
-    def pos(self) -> int:
-        if any(n != self.lengths[0] for n in self.lengths):
-            raise PoEError("rows of this cache hold different lengths; use cache.lengths")
-        return self.lengths[0]
-
-    def positions(self, T: int, device) -> Positions:
-        """Positions of T new tokens per row: an int when all rows are aligned, else a (B, T) tensor."""
-        if all(n == self.lengths[0] for n in self.lengths):
-            return self.lengths[0]
-        return torch.tensor(self.lengths, device=device)[:, None] + torch.arange(T, device=device)
-
-    def check_room(self, end: int) -> None:
-        if end > self.max_len:
-            raise PoEError(f"sequence of {end} tokens exceeds the KV cache of {self.max_len}")
-
-    def write(self, buf: torch.Tensor, value: torch.Tensor, pos: Positions, dim: int) -> int:
-        """Write value (T along `dim`) into buf at positions pos; return the number of keys now in view."""
-        T = value.size(dim)
-        if isinstance(pos, int):
-            self.check_room(pos + T)
-            buf.narrow(dim, pos, T).copy_(value)
-            return pos + T
-        if self.full_view:
-            end = self.max_len
-        else:
-            end = int(pos.max()) + 1
-            self.check_room(end)
-        rows = torch.arange(buf.size(0), device=buf.device)[:, None]
-        if dim == 2:   # (B, G, L, D) <- (B, G, T, D)
-            buf[rows, :, pos] = value.transpose(1, 2)
-        else:          # (B, L, d) <- (B, T, d)
-            buf[rows, pos] = value
-        return end
-
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: Positions):
-        """Write (B, G, T, D) keys/values at positions pos and return the layer's keys/values in view."""
-        end = self.write(self.k[layer], k, pos, 2)
-        self.write(self.v[layer], v, pos, 2)
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -232,8 +156,26 @@ class TrunkState:
     x0: torch.Tensor
     x_mid: torch.Tensor | None = None
 
+    def detached(self) -> "TrunkState":
+        return TrunkState(self.x.detach(), self.x0, None if self.x_mid is None else self.x_mid.detach())
 
-class PoEGPT(nn.Module):
+    def positions(self, start: int, stop: int) -> "TrunkState":
+        """The stream at token positions start..stop-1 (dim 1)."""
+        return TrunkState(self.x[:, start:stop], self.x0[:, start:stop],
+                          None if self.x_mid is None else self.x_mid[:, start:stop])
+
+    @staticmethod
+    def cat(states: list["TrunkState"]) -> "TrunkState":
+        """States of consecutive token positions as one (along dim 1)."""
+        mids = [s.x_mid for s in states]
+        return TrunkState(torch.cat([s.x for s in states], 1), torch.cat([s.x0 for s in states], 1),
+                          None if mids[0] is None else torch.cat(mids, 1))
+
+
+class PoEModel(nn.Module):
+    """The network: modules, the trunk walk, stage heads, initialisation and cost accounting.
+    Generation lives in the layers above (`api.PoEGPT` adds the model card's methods)."""
+
     def __init__(self, config: PoEConfig):
         super().__init__()
         self.config = config
@@ -251,6 +193,8 @@ class PoEGPT(nn.Module):
         self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.backout_lambda = nn.Parameter(torch.zeros(1))
         self._summed_heads: dict[int, tuple] = {}
+        self.calibration = Calibration()     # WAND bounds, auto-draft thresholds: set when a checkpoint loads
+        self.checkpoint_meta: dict = {}       # the checkpoint's meta.json, when loaded from one
         cos, sin = rotary_tables(config.sequence_len, config.head_dim, config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -299,14 +243,7 @@ class PoEGPT(nn.Module):
         if cache is None:
             prev = F.pad(x[:, :-1], (0, 0, 1, 0))                   # position 0 has no predecessor
         else:
-            cache.write(cache.embeds, x, pos, 1)
-            before = pos - 1 if isinstance(pos, int) else None
-            if isinstance(pos, int):
-                first = cache.embeds[:, before:pos] if before >= 0 else torch.zeros_like(x[:, :1])
-                prev = torch.cat([first, x[:, :-1]], 1)
-            else:
-                rows = torch.arange(idx.size(0), device=idx.device)[:, None]
-                prev = cache.embeds[rows, (pos - 1).clamp(min=0)] * (pos > 0).unsqueeze(-1)
+            prev = cache.store_embeds(x, pos)
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :24]))
         return x + gate * prev
 
@@ -322,9 +259,39 @@ class PoEGPT(nn.Module):
             return self.rope_cos[:, pos:pos + T], self.rope_sin[:, pos:pos + T]
         return self.rope_cos[0, :, 0][pos].unsqueeze(2), self.rope_sin[0, :, 0][pos].unsqueeze(2)
 
+    def boundary_output(self, state: TrunkState, layer: int) -> torch.Tensor:
+        """norm(h) for a stage ending at `layer`, with the backout past the middle of the trunk."""
+        x = state.x
+        if layer >= self.config.backout_layer:
+            x = x - self.backout_lambda * state.x_mid
+        return norm(x)
+
+    def walk(self, idx: torch.Tensor, state: TrunkState | None = None, first: int = 0, last: int | None = None,
+             pos: Positions = 0, cache: KVCache | None = None, isolate: bool = False
+             ) -> tuple[TrunkState, list[torch.Tensor]]:
+        """The trunk walk, the one place the layers run: stages first..last-1 (layers
+        b_{first-1}+1 .. b_{last-1}) for the rows of `idx` (B, T) at positions `pos`, against `cache`.
+        With no `state` the walk starts from the embedding (first = 0). Returns the stream after the
+        last stage and each walked stage's normed boundary output [(B, T, d)]. The cache's lengths are
+        the caller's to advance. `isolate` detaches the stream (and x_mid) entering each stage k > 0."""
+        cfg = self.config
+        last = cfg.n_stages if last is None else last
+        if state is None:
+            if first != 0:
+                raise PoEError(f"a trunk walk from the embedding starts at stage 0, not {first}")
+            x = self.embed(idx, cache, pos)
+            state = TrunkState(x, x)
+        b, outs = cfg.boundaries, []
+        for k in range(first, last):
+            if isolate and k > 0:
+                state = state.detached()
+            state = self.run_layers(state, idx, b[k - 1] + 1 if k else 0, b[k] + 1, pos, cache)
+            outs.append(self.boundary_output(state, b[k]))
+        return state, outs
+
     def run_layers(self, state: TrunkState, idx: torch.Tensor, start: int, stop: int, pos: Positions = 0,
                    cache: KVCache | None = None) -> TrunkState:
-        """Apply layers start..stop-1 to the stream of tokens `idx` sitting at positions pos.."""
+        """Layers start..stop-1 on the stream of tokens `idx` at positions pos (the walk's inner loop)."""
         cos, sin = self.rotary(pos, idx.size(1))
         x, x_mid = state.x, state.x_mid
         for i in range(start, stop):
@@ -335,36 +302,15 @@ class PoEGPT(nn.Module):
                 x_mid = x
         return TrunkState(x, state.x0, x_mid)
 
-    def boundary_output(self, state: TrunkState, layer: int) -> torch.Tensor:
-        """norm(h) for a stage ending at `layer`, with the backout past the middle of the trunk."""
-        x = state.x
-        if layer >= self.config.backout_layer:
-            x = x - self.backout_lambda * state.x_mid
-        return norm(x)
-
     def trunk(self, idx: torch.Tensor, n_stages: int | None = None, cache: KVCache | None = None,
-              isolate: bool = False, pos: Positions | None = None) -> list[torch.Tensor]:
-        """Normed boundary states [norm(h_0), ..., norm(h_{m-1})] of the first m stages, running only
-        the layers they need. `isolate` detaches the stream (and x_mid) entering each later stage.
-        With a cache, the tokens go at the cache's lengths, which advance; an explicit `pos` (the
-        engine's decode step) places them there and leaves the cache's lengths to the caller."""
-        cfg = self.config
-        m = cfg.n_stages if n_stages is None else n_stages
-        advance = pos is None
-        if pos is None:
-            pos = cache.positions(idx.size(1), idx.device) if cache is not None else 0
-        state = TrunkState(x := self.embed(idx, cache, pos), x)
-        outs, start = [], 0
-        for k in range(m):
-            if isolate and k > 0:
-                state = TrunkState(state.x.detach(), state.x0,
-                                   None if state.x_mid is None else state.x_mid.detach())
-            stop = cfg.boundaries[k] + 1
-            state = self.run_layers(state, idx, start, stop, pos, cache)
-            outs.append(self.boundary_output(state, stop - 1))
-            start = stop
-        if cache is not None and advance:
-            cache.lengths = [n + idx.size(1) for n in cache.lengths]
+              isolate: bool = False) -> list[torch.Tensor]:
+        """Normed boundary states [norm(h_0), ..., norm(h_{m-1})] of the first m stages for new tokens
+        `idx`, running only the layers they need; with a cache the tokens go at its lengths, which
+        advance. (`walk` from the embedding, plus the cache's bookkeeping.)"""
+        pos = cache.positions(idx.size(1), idx.device) if cache is not None else 0
+        _, outs = self.walk(idx, None, 0, n_stages, pos, cache, isolate)
+        if cache is not None:
+            cache.advance(idx.size(1))
         return outs
 
     # --- heads -----------------------------------------------------------------------------------
@@ -394,24 +340,16 @@ class PoEGPT(nn.Module):
         return self.stage_logits(h, 0, weight=self.lm_head.weight)
 
     # --- forward ---------------------------------------------------------------------------------
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_chunk: int = 4096,
-                compile_loss: bool = False):
-        """With targets: the training objective, as (loss, per-stage CE (K,) detached).
-        Without: full-PoE normalised log-probs (B, T, V) (Log-OP of every stage, poe_alpha applied)."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, **loss_options) -> torch.Tensor:
+        """Full-PoE normalised log-probs (B, T, V): Log-OP of every stage, poe_alpha applied."""
+        if targets is not None:
+            raise PoEError("the model computes log-probs only; the training loss is "
+                           "poegpt.objectives.PoELoss(model)(idx, targets)")
         cfg = self.config
-        if targets is None:
-            hs = self.trunk(idx)
-            logits = [self.stage_logits(h, k) for k, h in enumerate(hs)]
-            if cfg.poe_alpha > 0:
-                return logop([F.log_softmax(z, -1) for z in logits], alpha=cfg.poe_alpha)
-            return logop_logits(logits)
-        from .objectives import poe_loss
-        n = 1 if cfg.objective == "final_only" else cfg.n_stages
-        hs = self.trunk(idx, isolate=cfg.stage_grad == "isolated")
-        stages = list(range(cfg.n_stages))[-n:]
-        return poe_loss([hs[k].flatten(0, 1) for k in stages], [self.head_weight(k) for k in stages],
-                        targets.flatten(), cfg, vocab_size=cfg.vocab_size, softcap=cfg.softcap, chunk=loss_chunk,
-                        n_stages=cfg.n_stages, compiled=compile_loss)
+        logits = [self.stage_logits(h, k) for k, h in enumerate(self.trunk(idx))]
+        if cfg.poe_alpha > 0:
+            return logop([F.log_softmax(z, -1) for z in logits], alpha=cfg.poe_alpha)
+        return logop_logits(logits)
 
     @torch.no_grad()
     def stage_logprobs(self, idx: torch.Tensor, n_stages: int | None = None) -> list[torch.Tensor]:
@@ -428,68 +366,6 @@ class PoEGPT(nn.Module):
         K = self.config.n_stages
         if not isinstance(stage, int) or not 0 <= stage < K:
             raise PoEError(f"stage must be an integer in 0..{K - 1}, got {stage!r}")
-
-    # --- the six inference modes (SPEC §8; names and arguments as in the model card) ----------------
-    def generate(self, ids, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 eos_token_id: int | None = None) -> torch.Tensor:
-        """Full PoE: all stages, Log-OP. (B, T) prompt ids -> (B, T + new) ids, like HF's generate.
-        Prompts of different lengths may be given as a list of lists; rows are right-padded with EOS."""
-        from .engine import StageMix
-        return self._static(ids, StageMix.full(self.config.n_stages, self.config.poe_alpha), max_new_tokens,
-                            do_sample, temperature, top_k, top_p, seed, eos_token_id)
-
-    def generate_prefix(self, ids, max_stages: int, max_new_tokens: int = 32, **sampling) -> torch.Tensor:
-        """Prefix PoE of the first max_stages stages; runs layers 0..b_{max_stages-1} only."""
-        from .engine import StageMix
-        return self._static(ids, StageMix.prefix(self.config.n_stages, max_stages), max_new_tokens, **sampling)
-
-    def generate_stage(self, ids, stage: int, max_new_tokens: int = 32, **sampling) -> torch.Tensor:
-        """One stage's own head as the predictor; runs layers 0..b_stage only."""
-        from .engine import StageMix
-        return self._static(ids, StageMix.single(self.config.n_stages, stage), max_new_tokens, **sampling)
-
-    def generate_parallel_composition(self, ids, stages, stage_weights=None, max_new_tokens: int = 32,
-                                      **sampling) -> torch.Tensor:
-        """Weighted Log-OP of the selected stages; one pass to the deepest selected boundary."""
-        from .engine import StageMix
-        mix = StageMix.composition(self.config.n_stages, stages, stage_weights)
-        return self._static(ids, mix, max_new_tokens, **sampling)
-
-    def generate_wand(self, ids, max_new_tokens: int = 32, safety: float = 1.0, p99_bounds=None,
-                      return_stages_used: bool = False, eos_token_id: int | None = None):
-        """Adaptive depth (greedy): each token exits at the first stage whose margin beats the bound.
-        Returns ids, or (ids, stages_used) with stages_used[b][i] the stage that emitted token i."""
-        from .engine import as_output
-        from .wand import generate_wand
-        gen = generate_wand(self, ids, max_new_tokens, safety, p99_bounds, eos_token_id)
-        out = as_output(ids, gen, eos_token_id)
-        self.last_generation = gen
-        return (out, gen.stages_used) if return_stages_used else out
-
-    def generate_speculative(self, ids, draft_stage: int = 0, k_draft: int | str = 3, max_new_tokens: int = 32,
-                             return_acceptance: bool = False, do_sample: bool = False, temperature: float = 1.0,
-                             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                             eos_token_id: int | None = None):
-        """Self-speculative decoding: stages 0..draft_stage draft k_draft tokens, the rest verifies.
-        Greedy output equals full-PoE greedy; sampling follows the full-PoE distribution exactly.
-        Returns ids, or (ids, acceptance rate) with return_acceptance."""
-        from .engine import Sampling, as_output
-        from .speculative import generate_speculative
-        gen = generate_speculative(self, ids, draft_stage, k_draft, max_new_tokens,
-                                   Sampling(do_sample, temperature, top_k, top_p, seed), eos_token_id)
-        out = as_output(ids, gen, eos_token_id)
-        self.last_generation = gen
-        return (out, gen.acceptance) if return_acceptance else out
-
-    @torch.no_grad()
-    def _static(self, ids, mix, max_new_tokens, do_sample=False, temperature=1.0, top_k=None, top_p=None,
-                seed=None, eos_token_id=None) -> torch.Tensor:
-        from .engine import Sampling, as_output, run_static
-        gen = run_static(self, ids, mix, max_new_tokens, Sampling(do_sample, temperature, top_k, top_p, seed),
-                         eos_token_id)
-        self.last_generation = gen
-        return as_output(ids, gen, eos_token_id)
 
     # --- accounting ------------------------------------------------------------------------------
     def num_params(self) -> int:

@@ -1,60 +1,220 @@
-"""The six inference modes behind one description, for the CLI, the server and the benchmarks.
+"""The mode table: every inference mode of poegpt as one self-validating entry (docs/design.md, "Mode table").
 
-A `ModeSpec` names a mode and its arguments; `mode_steps` runs it and yields, at every step, the
-new tokens of each row (a list per row, possibly empty, possibly several tokens for speculative
-decoding), while a `Generation` collects the tokens and what the mode did (stages used per token,
-acceptance). Argument checking is the modes' own, so errors name the argument the user gave.
+A `Mode` gives a mode's name, its fields (type, default, help; the CLI's flags and the server's
+request fields are made from them), how it runs (a function that yields each row's new tokens per
+step), the range checks that need the model, whether it is greedy only, its `StageMix` when it is a
+static mode (one token per row per step, which the server batches with every other static row),
+what it reports per sequence and merged over sequences, and the configurations that show it off
+(`poegpt generate --mode all`, the benches).
+
+The CLI, the server, the scheduler, the vLLM variants and the benches all read `MODES`. Adding a
+mode is one `register(Mode(...))` with a runner in its own module; nothing else changes.
+`ModeSpec` is one mode's arguments, checked against its entry when made.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
-from .engine import Generation, Sampling, StageMix, decode_static
+from .engine import Generation, Sampling, StageMix, decode_static, to_rows
 from .errors import PoEError
+from .speculative import AUTO_MAX_DRAFT, DEFAULT_AUTO_THRESHOLD, check_speculative_args, speculative_steps
+from .wand import check_bounds, wand_steps
 
-MODES = ("full", "prefix", "stage", "wand", "speculative", "composition")
+KINDS = ("int", "float", "ints", "floats", "int_or_auto")
 
 
 @dataclass(frozen=True)
-class ModeSpec:
-    mode: str = "full"
-    max_stages: int | None = None          # prefix
-    stage: int | None = None               # stage
-    stages: tuple[int, ...] | None = None  # composition
-    stage_weights: tuple[float, ...] | None = None
-    safety: float = 1.0                    # wand
-    p99_bounds: tuple[float, ...] | None = None
-    draft_stage: int = 0                   # speculative
-    k_draft: int | str = 3
+class Field:
+    """One argument of a mode: `kind` is one of KINDS; `required` fields have no default; `finite`
+    floats refuse inf (p99 bounds take +inf: "never exit here"). Integers are range-checked by the
+    mode's own `check`, whose messages say the valid range."""
+    name: str
+    kind: str
+    help: str
+    default: object = None
+    required: bool = False
+    finite: bool = True
 
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise PoEError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def parse(self, value):
+        """The value in its Python form (lists become tuples), or one PoEError naming the field."""
+        if value is None:
+            return self.default
+        if self.kind == "int_or_auto":       # the CLI gives strings
+            return int(value) if isinstance(value, str) and value.strip().lstrip("-").isdigit() else value
+        if self.kind == "int":
+            return value
+        if self.kind == "float":
+            if not self._number(value):
+                raise PoEError(f"{self.name} must be a finite number, got {value!r}")
+            return float(value)
+        if self.kind == "ints":
+            if not isinstance(value, (list, tuple)):
+                raise PoEError(f"{self.name} must be a list of integers, got {value!r}")
+            return tuple(value)
+        if not isinstance(value, (list, tuple)) or not all(self._number(v) for v in value):
+            raise PoEError(f"{self.name} must be a list of {'finite ' if self.finite else ''}numbers, got {value!r}")
+        return tuple(float(v) for v in value)
+
+    def _number(self, v) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return False
+        return math.isfinite(v) or (not self.finite and v == math.inf)
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One inference mode. `run(model, rows, spec, max_new_tokens, sampling, eos_token_id, gen)`
+    yields each row's new tokens per step and fills `gen`; `check(spec, model)` raises on values out
+    of range for the model; `mix(spec, config)` is set for static modes; `report(spec, gen, config,
+    tokens)` says what the mode did for one sequence and `merge` folds reports of many;
+    `examples(config, calibration)` lists (label, fields) to show the mode with."""
+    name: str
+    help: str
+    run: Callable[..., Iterator[list[list[int]]]]
+    report: Callable[..., dict]
+    examples: Callable[..., list[tuple[str, dict]]]
+    fields: tuple[Field, ...] = ()
+    check: Callable[..., None] = lambda spec, model: None
+    mix: Callable[..., StageMix] | None = None
+    greedy_only: str | None = None               # why, when the mode cannot sample
+    merge: Callable[[list[dict]], dict] | None = None
+
+    @property
+    def batched(self) -> bool:
+        """One token per row per step from a StageMix: the server runs it in its shared batch."""
+        return self.mix is not None
+
+
+MODES: dict[str, Mode] = {}
+
+
+def register(mode: Mode) -> Mode:
+    if mode.name in MODES or mode.name == "all":
+        raise PoEError(f"mode {mode.name!r} is already defined")
+    for f in mode.fields:
+        if f.kind not in KINDS:
+            raise PoEError(f"mode {mode.name!r}: field {f.name} has kind {f.kind!r}; use one of {', '.join(KINDS)}")
+    MODES[mode.name] = mode
+    return mode
+
+
+def field_owners() -> dict[str, list[str]]:
+    """Each field name -> the modes that take it."""
+    owners: dict[str, list[str]] = {}
+    for m in MODES.values():
+        for f in m.fields:
+            owners.setdefault(f.name, []).append(m.name)
+    return owners
+
+
+class ModeSpec:
+    """A mode and its arguments, checked against the table when made (None = the field's default).
+    Hashable; fields read as attributes (`spec.max_stages`)."""
+    __slots__ = ("mode", "args")
+
+    def __init__(self, mode: str = "full", **args):
+        entry = MODES.get(mode) if isinstance(mode, str) else None
+        if entry is None:
+            raise PoEError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        names = {f.name for f in entry.fields}
+        for name, value in args.items():
+            if value is not None and name not in names:
+                owners = field_owners().get(name)
+                if owners is None:
+                    raise PoEError(f"unknown mode field {name!r}; mode {mode} takes {', '.join(names) or 'none'}")
+                raise PoEError(f"{name} applies to mode '{owners[0]}' only, but the mode is '{mode}'")
+        values = {}
+        for f in entry.fields:
+            values[f.name] = f.parse(args.get(f.name))
+            if f.required and values[f.name] is None:
+                raise PoEError(f"{mode} mode needs {f.name}")
+        object.__setattr__(self, "mode", mode)
+        object.__setattr__(self, "args", tuple(values.items()))
+
+    def __getattr__(self, name):
+        for k, v in object.__getattribute__(self, "args"):
+            if k == name:
+                return v
+        raise AttributeError(f"mode {self.mode!r} has no field {name!r}")
+
+    def __setattr__(self, name, value):
+        raise AttributeError("ModeSpec is immutable")
+
+    def __eq__(self, other):
+        return isinstance(other, ModeSpec) and (self.mode, self.args) == (other.mode, other.args)
+
+    def __hash__(self):
+        return hash((self.mode, self.args))
+
+    def __repr__(self):
+        return f"ModeSpec({self.mode!r}" + "".join(f", {k}={v!r}" for k, v in self.args) + ")"
+
+    @property
+    def entry(self) -> Mode:
+        return MODES[self.mode]
+
+    def as_dict(self) -> dict:
+        return dict(self.args)
+
+    def check(self, model) -> None:
+        """Raise one PoEError if a value is out of range for this model."""
+        self.entry.check(self, model)
 
     def stage_mix(self, model) -> StageMix:
-        K, cfg = model.config.n_stages, model.config
-        if self.mode == "full":
-            return StageMix.full(K, cfg.poe_alpha)
-        if self.mode == "prefix":
-            if self.max_stages is None:
-                raise PoEError("prefix mode needs max_stages")
-            return StageMix.prefix(K, self.max_stages)
-        if self.mode == "stage":
-            if self.stage is None:
-                raise PoEError("stage mode needs stage")
-            return StageMix.single(K, self.stage)
-        return StageMix.composition(K, self.stages, self.stage_weights)
+        if self.entry.mix is None:
+            raise PoEError(f"{self.mode} mode is not a static stage mix")
+        return self.entry.mix(self, model.config)
+
+
+def mode_steps(model, rows: list[list[int]], spec: ModeSpec, max_new_tokens: int, sampling: Sampling = Sampling(),
+               eos_token_id: int | None = None) -> tuple[Iterator[list[list[int]]], Generation]:
+    """(iterator of per-row new tokens per step, the Generation that fills as it runs)."""
+    entry = spec.entry
+    if entry.greedy_only and not sampling.greedy:
+        raise PoEError(entry.greedy_only)
+    spec.check(model)
+    gen = Generation([[] for _ in rows])
+    return entry.run(model, rows, spec, max_new_tokens, sampling, eos_token_id, gen), gen
 
 
 @torch.no_grad()
-def static_steps(model, rows, mix: StageMix, max_new_tokens: int, sampling: Sampling, eos_token_id, gen: Generation):
-    gen.tokens = [[] for _ in rows]
+def run_mode(model, ids, spec: ModeSpec, max_new_tokens: int, sampling: Sampling = Sampling(),
+             eos_token_id: int | None = None) -> Generation:
+    """Run a mode to the end: the Generation (tokens per row, and what the mode did)."""
+    steps, gen = mode_steps(model, to_rows(ids), spec, max_new_tokens, sampling, eos_token_id)
+    for _ in steps:
+        pass
+    return gen
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """Reports of many sequences of one mode as one (the server's request-level "poe" field)."""
+    reports = [r for r in reports if r]
+    if not reports:
+        return {}
+    entry = MODES.get(reports[0]["mode"])
+    if entry is not None and entry.merge is not None:
+        return entry.merge(reports)
+    out = dict(reports[0])
+    out["tokens"] = sum(r["tokens"] for r in reports)
+    return out
+
+
+# --- the static modes: a StageMix, one token per row per step ------------------------------------------
+
+@torch.no_grad()
+def static_steps(model, rows, spec: ModeSpec, max_new_tokens: int, sampling: Sampling, eos_token_id, gen: Generation):
     done = [False] * len(rows)
-    for step in decode_static(model, rows, mix, max_new_tokens, sampling, eos_token_id):
+    for step in decode_static(model, rows, spec.stage_mix(model), max_new_tokens, sampling, eos_token_id):
         out = []
         for r, t in enumerate(step.tolist()):
             new = [] if done[r] else [t]
@@ -64,18 +224,113 @@ def static_steps(model, rows, mix: StageMix, max_new_tokens: int, sampling: Samp
         yield out
 
 
-def mode_steps(model, rows: list[list[int]], spec: ModeSpec, max_new_tokens: int, sampling: Sampling = Sampling(),
-               eos_token_id: int | None = None) -> tuple[Iterator[list[list[int]]], Generation]:
-    """(iterator of per-row new tokens per step, the Generation that fills as it runs)."""
-    gen = Generation([[] for _ in rows])
-    if spec.mode == "wand":
-        if not sampling.greedy:
-            raise PoEError("WAND mode is greedy (its exit rule bounds the argmax); drop temperature/do_sample")
-        from .wand import wand_steps
-        bounds = None if spec.p99_bounds is None else list(spec.p99_bounds)
-        return wand_steps(model, rows, max_new_tokens, spec.safety, bounds, eos_token_id, gen), gen
-    if spec.mode == "speculative":
-        from .speculative import speculative_steps
-        return speculative_steps(model, rows, spec.draft_stage, spec.k_draft, max_new_tokens, sampling,
-                                 eos_token_id, None, gen), gen
-    return static_steps(model, rows, spec.stage_mix(model), max_new_tokens, sampling, eos_token_id, gen), gen
+def static_report(spec: ModeSpec, gen: Generation | None, config, tokens: int) -> dict:
+    mix = spec.entry.mix(spec, config)
+    K = len(mix.stages)
+    info = {"mode": spec.mode, "n_layer": config.n_layer, "tokens": tokens, "stages": list(mix.stages),
+            "stage_weights": list(mix.weights) if mix.weights is not None else [1 / K] * K,
+            "layers_per_token": config.boundaries[mix.depth - 1] + 1}
+    if mix.alpha:
+        info["poe_alpha"] = mix.alpha
+    return info
+
+
+def _static(name: str, help: str, mix, examples, fields: tuple[Field, ...] = ()) -> Mode:
+    return Mode(name, help, static_steps, static_report, examples, fields,
+                check=lambda spec, model: spec.stage_mix(model), mix=mix)
+
+
+register(_static("full", "all stages, Log-OP of every stage",
+                 lambda spec, cfg: StageMix.full(cfg.n_stages, cfg.poe_alpha),
+                 lambda cfg, cal: [("full", {})]))
+register(_static("prefix", "layers 0..b_{m-1} only, Log-OP of the first m stages",
+                 lambda spec, cfg: StageMix.prefix(cfg.n_stages, spec.max_stages),
+                 lambda cfg, cal: [(f"prefix {cfg.n_stages // 2}", {"max_stages": cfg.n_stages // 2})],
+                 (Field("max_stages", "int", "how many stages", required=True),)))
+register(_static("stage", "layers 0..b_k, stage k's own head",
+                 lambda spec, cfg: StageMix.single(cfg.n_stages, spec.stage),
+                 lambda cfg, cal: [("stage 0", {"stage": 0})],
+                 (Field("stage", "int", "which stage", required=True),)))
+register(_static("composition", "to the deepest selected boundary, weighted Log-OP of the selected stages",
+                 lambda spec, cfg: StageMix.composition(cfg.n_stages, spec.stages, spec.stage_weights),
+                 lambda cfg, cal: [(f"composition {list(range(0, cfg.n_stages, 2))}",
+                                    {"stages": tuple(range(0, cfg.n_stages, 2))})],
+                 (Field("stages", "ints", "the stages to combine", required=True),
+                  Field("stage_weights", "floats", "their Log-OP weights (default uniform)"))))
+
+
+# --- WAND: adaptive depth ------------------------------------------------------------------------------
+
+def wand_bounds(spec: ModeSpec, model) -> list[float]:
+    """The given bounds, else the checkpoint's calibrated ones (the one place calibration is read)."""
+    bounds = spec.p99_bounds if spec.p99_bounds is not None else model.calibration.wand_p99_bounds
+    return check_bounds(model.config.n_stages, spec.safety, bounds)
+
+
+def _wand_run(model, rows, spec, max_new_tokens, sampling, eos_token_id, gen):
+    return wand_steps(model, rows, max_new_tokens, spec.safety, wand_bounds(spec, model), eos_token_id, gen)
+
+
+def _wand_report(spec, gen, config, tokens: int) -> dict:
+    b = config.boundaries
+    used = gen.stages_used[0][:tokens] if gen is not None and gen.stages_used else []
+    return {"mode": "wand", "n_layer": config.n_layer, "tokens": tokens, "safety": spec.safety, "stages_used": used,
+            "mean_stages_per_token": sum(u + 1 for u in used) / max(len(used), 1),
+            "mean_layers_per_token": sum(b[u] + 1 for u in used) / max(len(used), 1)}
+
+
+def _wand_merge(reports: list[dict]) -> dict:
+    out = {k: v for k, v in reports[0].items() if k != "stages_used"}
+    out["tokens"] = tokens = sum(r["tokens"] for r in reports)
+    for key in ("mean_stages_per_token", "mean_layers_per_token"):
+        out[key] = sum(r[key] * r["tokens"] for r in reports) / max(tokens, 1)
+    return out
+
+
+def _wand_examples(cfg, calibration) -> list[tuple[str, dict]]:
+    if calibration.wand_p99_bounds is not None:
+        return [("wand safety 1", {})]
+    return [("wand (no calibration: inf bounds)", {"p99_bounds": (math.inf,) * (cfg.n_stages - 1)})]
+
+
+register(Mode("wand", "stage by stage until the margin beats the calibrated bound (greedy)", _wand_run,
+              _wand_report, _wand_examples,
+              (Field("safety", "float", "bound multiplier (higher = deeper)", default=1.0),
+               Field("p99_bounds", "floats", "per-stage bounds (default: the checkpoint's calibration)", finite=False)),
+              check=lambda spec, model: wand_bounds(spec, model),
+              greedy_only="WAND mode is greedy (its exit rule bounds the argmax); drop temperature/do_sample",
+              merge=_wand_merge))
+
+
+# --- self-speculative decoding ---------------------------------------------------------------------------
+
+def _speculative_run(model, rows, spec, max_new_tokens, sampling, eos_token_id, gen):
+    threshold = model.calibration.draft_threshold(spec.draft_stage, DEFAULT_AUTO_THRESHOLD)
+    return speculative_steps(model, rows, spec.draft_stage, spec.k_draft, max_new_tokens, sampling, eos_token_id,
+                             threshold, gen)
+
+
+def _speculative_report(spec, gen, config, tokens: int) -> dict:
+    drafted, accepted, passes = (gen.drafted, gen.accepted, gen.passes) if gen is not None else (0, 0, 0)
+    return {"mode": "speculative", "n_layer": config.n_layer, "tokens": tokens, "draft_stage": spec.draft_stage,
+            "k_draft": spec.k_draft, "acceptance_rate": accepted / drafted if drafted else 0.0,
+            "drafted": drafted, "accepted": accepted, "passes": passes, "tokens_per_pass": tokens / max(passes, 1)}
+
+
+def _speculative_merge(reports: list[dict]) -> dict:
+    out = dict(reports[0])
+    out["tokens"] = tokens = sum(r["tokens"] for r in reports)
+    for key in ("drafted", "accepted", "passes"):
+        out[key] = sum(r[key] for r in reports)
+    out["acceptance_rate"] = out["accepted"] / out["drafted"] if out["drafted"] else 0.0
+    out["tokens_per_pass"] = tokens / max(out["passes"], 1)
+    return out
+
+
+register(Mode("speculative", "stages <= d draft, the rest verifies in one pass (output = full PoE)",
+              _speculative_run, _speculative_report,
+              lambda cfg, cal: [("speculative d0 auto", {"draft_stage": 0, "k_draft": "auto"})],
+              (Field("draft_stage", "int", "last draft stage", default=0),
+               Field("k_draft", "int_or_auto", f"draft length, or auto (up to {AUTO_MAX_DRAFT})", default=3)),
+              check=lambda spec, model: check_speculative_args(model.config.n_stages, spec.draft_stage, spec.k_draft),
+              merge=_speculative_merge))

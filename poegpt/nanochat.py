@@ -22,7 +22,7 @@ import torch
 from .checkpoint import save_checkpoint
 from .config import PoEConfig, card_stage_layout
 from .errors import PoEError
-from .model import PoEGPT
+from .api import PoEGPT
 from .tokenizer import SPECIAL_TOKENS, Tokenizer
 
 KNOWN_FIELDS = {"sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern"}

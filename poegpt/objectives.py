@@ -155,3 +155,32 @@ def poe_loss(hs: list[torch.Tensor], weights: list[torch.Tensor], targets: torch
     stage_ce = torch.full((K,), float("nan"), device=total.device)
     stage_ce[K - n:] = total[1:].detach().float() / count
     return loss, stage_ce
+
+
+def model_loss(model, idx: torch.Tensor, targets: torch.Tensor, loss_chunk: int = 4096, compile_loss: bool = False):
+    """The training objective of `model` on tokens idx (B, T) and next-token targets (B, T):
+    (loss, per-stage CE (K,) detached). The trunk runs only as deep as the objective needs
+    (final_only: the last stage's head alone)."""
+    cfg = model.config
+    n = 1 if cfg.objective == "final_only" else cfg.n_stages
+    hs = model.trunk(idx, isolate=cfg.stage_grad == "isolated")
+    stages = list(range(cfg.n_stages))[-n:]
+    return poe_loss([hs[k].flatten(0, 1) for k in stages], [model.head_weight(k) for k in stages],
+                    targets.flatten(), cfg, vocab_size=cfg.vocab_size, softcap=cfg.softcap, chunk=loss_chunk,
+                    n_stages=cfg.n_stages, compiled=compile_loss)
+
+
+class PoELoss(torch.nn.Module):
+    """The module a training step calls: `PoELoss(model)(idx, targets)` -> (loss, per-stage CE).
+
+    The model itself computes log-probs only (it imports no training code); this wrapper is what
+    DDP or FSDP wrap (`distributed.parallelize`), so their forward hooks run around the loss. Its
+    state_dict is the model's under `model.`; checkpoints save the model itself."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor, loss_chunk: int = 4096, compile_loss: bool = False):
+        return model_loss(self.model, idx, targets, loss_chunk, compile_loss)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .model import PoEGPT
+from .model import PoEModel
 
 
 def zeropower_newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
@@ -61,7 +61,7 @@ class Muon(torch.optim.Optimizer):
                 p.add_(update, alpha=-group["lr"] * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)
 
 
-def build_optimizers(model: PoEGPT, matrix_lr: float = 0.02, unembedding_lr: float = 0.004,
+def build_optimizers(model: PoEModel, matrix_lr: float = 0.02, unembedding_lr: float = 0.004,
                      embedding_lr: float = 0.2, value_embedding_lr: float = 0.1, scalar_lr_scale: float = 1.0,
                      weight_decay: float = 0.0) -> list[torch.optim.Optimizer]:
     """[AdamW, Muon] over every parameter of the model, each in exactly one group."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import PoEConfig
-from .model import PoEGPT
+from .model import PoEModel
 
 BF16 = 2
 
@@ -62,7 +62,7 @@ def make_plan(cfg: PoEConfig, gpus: int, gpu_mem_gb: float, tokens_per_step: int
               steps: int = 60_000, mfu: float = 0.4, gpu_tflops: float = 989.0, headroom: float = 0.9,
               loss_chunk: int = 4096) -> Plan:
     with torch.device("meta"):
-        model = PoEGPT(cfg)
+        model = PoEModel(cfg)
     params = model.num_params()
     muon = sum(p.numel() for b in model.blocks for n, p in b.named_parameters() if "ve_gate" not in n)
     param_bytes, grad_bytes = 4 * params, 4 * params

@@ -47,12 +47,12 @@ from typing import Callable
 
 import torch
 
-from .engine import Sampling, StageMix, new_cache, pick, prefill
+from .cache import new_cache
+from .engine import Sampling, StageMix, pick, prefill
 from .modes import ModeSpec, mode_steps
 
 log = logging.getLogger("poegpt.serve")
 
-SOLO_MODES = ("wand", "speculative")
 FAILED = ("timeout", "error", "shutdown")    # finish reasons that end a request with an error
 
 
@@ -468,14 +468,14 @@ class Scheduler:
         self.metrics.observe("poegpt_queue_wait_seconds", s.started_at - s.submitted_at)
         s.stream = TextStream(self.tokenizer, p.stop, self.eos_token_id)
         try:
-            if s.mode not in SOLO_MODES:
+            if p.spec.entry.batched:
                 s.mix = p.spec.stage_mix(model)
             if p.prompt_logprobs:
                 s.prompt_lp = self._prompt_logprobs(s)
             if p.max_tokens == 0:
                 self._send(s, Event(s.index), "length")
                 return
-            if s.mode in SOLO_MODES:
+            if not p.spec.entry.batched:
                 s.steps, s.gen = mode_steps(model, [list(p.prompt)], p.spec, p.max_tokens, p.sampling,
                                             self.eos_token_id)
                 if p.logprobs is not None:
@@ -545,17 +545,11 @@ class Scheduler:
             if self.batch[i].state == "done":
                 last = len(self.batch) - 1
                 if i != last:
-                    self._move_row(last, i, self.batch[last].length)
+                    self.cache.move_row(last, i, self.batch[last].length)
                     self.batch[i] = self.batch[last]
                 self.batch.pop()
         self.solo = [s for s in self.solo if s.state != "done"]
 
-    def _move_row(self, src: int, dst: int, length: int) -> None:
-        c = self.cache
-        for k, v in zip(c.k, c.v):
-            k[dst, :, :length] = k[src, :, :length]
-            v[dst, :, :length] = v[src, :, :length]
-        c.embeds[dst, :length] = c.embeds[src, :length]
 
     # --- tokens out -----------------------------------------------------------------------------
     def _emit(self, s: Sequence, tokens: list[int], logps: list[torch.Tensor] | None) -> None:
@@ -626,30 +620,9 @@ class Scheduler:
             log.debug("event for a departed request dropped", exc_info=True)
 
     def poe_info(self, s: Sequence) -> dict:
-        """What the mode did for one sequence (the response's extra "poe" field)."""
-        cfg = self.model.config
-        b, spec = cfg.boundaries, s.params.spec
-        info = {"mode": spec.mode, "n_layer": cfg.n_layer, "tokens": len(s.tokens)}
-        if s.mix is not None:
-            K = len(s.mix.stages)
-            info.update(stages=list(s.mix.stages),
-                        stage_weights=list(s.mix.weights) if s.mix.weights is not None else [1 / K] * K,
-                        layers_per_token=b[s.mix.depth - 1] + 1)
-            if s.mix.alpha:
-                info["poe_alpha"] = s.mix.alpha
-        elif spec.mode == "wand":          # (no step iterator when max_tokens is 0: nothing was generated)
-            used = s.gen.stages_used[0][:len(s.tokens)] if s.gen is not None and s.gen.stages_used else []
-            info.update(safety=spec.safety, stages_used=used,
-                        mean_stages_per_token=sum(u + 1 for u in used) / max(len(used), 1),
-                        mean_layers_per_token=sum(b[u] + 1 for u in used) / max(len(used), 1))
-        elif spec.mode == "speculative":
-            g = s.gen
-            drafted, accepted, passes = (g.drafted, g.accepted, g.passes) if g is not None else (0, 0, 0)
-            info.update(draft_stage=spec.draft_stage, k_draft=spec.k_draft,
-                        acceptance_rate=accepted / drafted if drafted else 0.0,
-                        drafted=drafted, accepted=accepted, passes=passes,
-                        tokens_per_pass=len(s.tokens) / max(passes, 1))
-        return info
+        """What the mode did for one sequence (the response's extra "poe" field), as the table reports it."""
+        spec = s.params.spec
+        return spec.entry.report(spec, s.gen, self.model.config, len(s.tokens))
 
     # --- log-probs ------------------------------------------------------------------------------
     def _entry(self, token: int, logp: torch.Tensor, n: int, offset: int) -> TokenLogprob:

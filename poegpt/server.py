@@ -46,8 +46,8 @@ from typing import Callable
 from .engine import Sampling, check_prompts
 from .errors import PoEError
 from .hardware import resolve_dtype, set_threads
-from .modes import MODES, ModeSpec
-from .scheduler import (FAILED, SOLO_MODES, Event, Metrics, QueueFull, Scheduler, SchedulerClosed, SeqParams,
+from .modes import MODES, ModeSpec, field_owners, merge_reports
+from .scheduler import (FAILED, Event, Metrics, QueueFull, Scheduler, SchedulerClosed, SeqParams,
                         Sequence, TokenLogprob)
 from .tokenizer import clean_text
 
@@ -57,12 +57,14 @@ MAX_STOP = 16
 DEFAULT_MAX_TOKENS = 16    # OpenAI's default for the completions API
 MIN_TEMPERATURE = 0.01     # a positive temperature below this samples at this (vLLM's rule)
 
-POE_FIELDS = {"max_stages": "prefix", "stage": "stage", "stages": "composition", "stage_weights": "composition",
-              "safety": "wand", "p99_bounds": "wand", "draft_stage": "speculative", "k_draft": "speculative"}
 OPENAI_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream",
                  "stream_options", "logprobs", "echo", "user", "best_of", "suffix", "presence_penalty",
                  "frequency_penalty", "logit_bias", "return_token_ids"}
-KNOWN_FIELDS = OPENAI_FIELDS | set(POE_FIELDS) | {"poe_mode"}
+
+
+def known_fields() -> set[str]:
+    """The request fields this server takes: OpenAI's, poe_mode, and every mode field of the mode table."""
+    return OPENAI_FIELDS | set(field_owners()) | {"poe_mode"}
 
 
 class ApiError(Exception):
@@ -126,20 +128,10 @@ def _bool(body: dict, name: str, default: bool = False) -> bool:
     return v
 
 
-def _numbers(body: dict, name: str, allow_inf: bool = False):
-    v = body.get(name)
-    if v is None:
-        return None
-    if not isinstance(v, list) or not all(_is_number(x) and (math.isfinite(x) or (allow_inf and x == math.inf))
-                                          for x in v):
-        raise _bad(f"{name} must be a list of {'numbers' if allow_inf else 'finite numbers'}, got {v!r}", name)
-    return tuple(float(x) for x in v)
-
-
 def _param_of(message: str, default: str) -> str:
     """The field a validator's message names (they start with it), for the error's `param`."""
     first = message.split(" ", 1)[0].strip("'\"")
-    return first if first in KNOWN_FIELDS else default
+    return first if first in known_fields() else default
 
 
 @dataclass
@@ -214,39 +206,19 @@ def parse_prompts(body: dict, tokenizer) -> tuple[list[list[int]], list[str]]:
 
 
 def parse_mode(body: dict, model) -> ModeSpec:
-    """The PoE fields as a ModeSpec, checked by the engine's own validators."""
+    """The PoE fields as a ModeSpec of the mode table, checked by the mode's own validators."""
     mode = body.get("poe_mode", "full")
     mode = "full" if mode is None else mode
     if not isinstance(mode, str) or mode not in MODES:
         raise _bad(f"unknown poe_mode {mode!r}; choose one of {', '.join(MODES)}", "poe_mode")
-    for name, owner in POE_FIELDS.items():
-        if body.get(name) is not None and owner != mode:
-            raise _bad(f"{name} applies to poe_mode '{owner}' only, but poe_mode is '{mode}'; "
-                       f"set poe_mode to '{owner}' or drop {name}", name)
-    stages = body.get("stages")
-    if stages is not None and not isinstance(stages, list):
-        raise _bad(f"stages must be a list of stage indices, got {stages!r}", "stages")
-    safety = _number(body, "safety", 1.0)
-    if not safety >= 0:
-        raise _bad(f"safety must be a number >= 0, got {safety:g}", "safety")
-    k_draft = body.get("k_draft", 3)
-    k_draft = 3 if k_draft is None else k_draft
-    draft_stage = body.get("draft_stage", 0)
+    own = {f.name for f in MODES[mode].fields}
+    for name, owners in field_owners().items():
+        if body.get(name) is not None and name not in own:
+            raise _bad(f"{name} applies to poe_mode '{owners[0]}' only, but poe_mode is '{mode}'; "
+                       f"set poe_mode to '{owners[0]}' or drop {name}", name)
     try:
-        spec = ModeSpec(mode, max_stages=body.get("max_stages"), stage=body.get("stage"),
-                        stages=None if stages is None else tuple(stages),
-                        stage_weights=_numbers(body, "stage_weights"), safety=safety,
-                        p99_bounds=_numbers(body, "p99_bounds", allow_inf=True),
-                        draft_stage=0 if draft_stage is None else draft_stage, k_draft=k_draft)
-        K = model.config.n_stages
-        if mode == "speculative":
-            from .speculative import check_speculative_args
-            check_speculative_args(K, spec.draft_stage, spec.k_draft)
-        elif mode == "wand":
-            from .wand import check_bounds
-            check_bounds(model, spec.safety, None if spec.p99_bounds is None else list(spec.p99_bounds))
-        else:
-            spec.stage_mix(model)
+        spec = ModeSpec(mode, **{name: body.get(name) for name in own})
+        spec.check(model)
     except PoEError as e:
         raise _bad(str(e), _param_of(str(e), "poe_mode")) from None
     return spec
@@ -255,10 +227,10 @@ def parse_mode(body: dict, model) -> ModeSpec:
 def parse_completion(body, model, tokenizer, served_name: str) -> CompletionJob:
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object")
-    unknown = sorted(set(body) - KNOWN_FIELDS)
+    unknown = sorted(set(body) - known_fields())
     if unknown:
         raise _bad(f"unknown field {unknown[0]!r}; this server takes the OpenAI completions fields and the PoE "
-                   f"fields poe_mode, {', '.join(POE_FIELDS)}", unknown[0])
+                   f"fields poe_mode, {', '.join(field_owners())}", unknown[0])
     name = body.get("model")
     if name is None:
         raise _bad(f"model is required; this server serves {served_name!r}", "model")
@@ -347,25 +319,6 @@ def _logprobs_json(entries: list[TokenLogprob], shift: int = 0) -> dict:
             "top_logprobs": [e.top for e in entries], "text_offset": [e.offset + shift for e in entries]}
 
 
-def summarize_poe(infos: list[dict]) -> dict:
-    """The request-level "poe" field: the mode's settings, with per-token figures over all choices."""
-    infos = [i for i in infos if i]
-    if not infos:
-        return {}
-    out = {k: v for k, v in infos[0].items() if k not in ("stages_used", "tokens")}
-    tokens = sum(i["tokens"] for i in infos)
-    out["tokens"] = tokens
-    if out["mode"] == "wand":
-        for key in ("mean_stages_per_token", "mean_layers_per_token"):
-            out[key] = sum(i[key] * i["tokens"] for i in infos) / max(tokens, 1)
-    if out["mode"] == "speculative":
-        for key in ("drafted", "accepted", "passes"):
-            out[key] = sum(i[key] for i in infos)
-        out["acceptance_rate"] = out["accepted"] / out["drafted"] if out["drafted"] else 0.0
-        out["tokens_per_pass"] = tokens / max(out["passes"], 1)
-    return out
-
-
 class _Assembly:
     """Events of one request turned into OpenAI completions JSON (whole, or as stream chunks)."""
 
@@ -431,7 +384,7 @@ class _Assembly:
         choices = [self._choice(i, "".join(self.text[i]), self.logprobs[i], self.prompt_logprobs[i], self.tokens[i],
                                 self.finish[i], self.poe[i], True) for i in range(len(self.text))]
         return {"id": self.rid, "object": "text_completion", "created": self.created, "model": self.served_name,
-                "choices": choices, "usage": self.usage(), "poe": summarize_poe(self.poe)}
+                "choices": choices, "usage": self.usage(), "poe": merge_reports(self.poe)}
 
     def _wrap(self, choices: list[dict], **extra) -> str:
         obj = {"id": self.rid, "object": "text_completion", "created": self.created, "model": self.served_name,
@@ -454,7 +407,7 @@ class _Assembly:
                                         ev.finish_reason, ev.poe, first)])
 
     def usage_chunk(self) -> str:
-        return self._wrap([], usage=self.usage(), poe=summarize_poe(self.poe))
+        return self._wrap([], usage=self.usage(), poe=merge_reports(self.poe))
 
 
 def sse(obj) -> str:
@@ -603,9 +556,8 @@ def create_app(model, tokenizer, served_name: str = "poegpt", max_batch: int = 8
         return {"id": served_name, "object": "model", "created": created, "owned_by": "poegpt",
                 "max_model_len": cfg.sequence_len,
                 "poe": {"n_stages": cfg.n_stages, "n_layer": cfg.n_layer, "boundaries": list(cfg.boundaries),
-                        "modes": list(MODES), "batched_modes": [m for m in MODES if m not in SOLO_MODES],
-                        "wand_calibrated": "wand_p99_bounds" in getattr(model, "checkpoint_meta", {})
-                        .get("calibration", {})}}
+                        "modes": list(MODES), "batched_modes": [m for m, e in MODES.items() if e.batched],
+                        "wand_calibrated": model.calibration.wand_p99_bounds is not None}}
 
     @app.get("/v1/models")
     async def models():

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from .engine import (Generation, Sampling, StageMix, cached_step, check_prompts, compiled, new_cache, one_row_matmuls,
+from .cache import new_cache
+from .engine import (Generation, Sampling, StageMix, cached_step, check_prompts, compiled, fast_path, one_row_matmuls,
                      sampling_logprobs, step_slots, to_rows)
 from .errors import PoEError
 from .model import TrunkState
@@ -29,25 +30,8 @@ AUTO_MAX_DRAFT = 8
 DEFAULT_AUTO_THRESHOLD = 0.5
 
 
-def run_stages(model, state: TrunkState, idx: torch.Tensor, first: int, last: int, pos, cache):
-    """Run stages first..last-1 on `state`; return the new state and their normed boundary outputs."""
-    b = model.config.boundaries
-    outs = []
-    for k in range(first, last):
-        start = 0 if k == 0 else b[k - 1] + 1
-        state = model.run_layers(state, idx, start, b[k] + 1, pos, cache)
-        outs.append(model.boundary_output(state, b[k]))
-    return state, outs
-
-
 def _positions(lengths: list[int], offset: int, T: int, device) -> torch.Tensor:
     return torch.tensor(lengths, device=device)[:, None] + offset + torch.arange(T, device=device)
-
-
-def _cat_states(states: list[TrunkState]) -> TrunkState:
-    mids = [s.x_mid for s in states]
-    return TrunkState(torch.cat([s.x for s in states], 1), torch.cat([s.x0 for s in states], 1),
-                      None if mids[0] is None else torch.cat(mids, 1))
 
 
 class SpeculativeStep:
@@ -72,15 +56,14 @@ class SpeculativeStep:
     def draft(self, tok: torch.Tensor, pos: torch.Tensor):
         """tok (B,) at pos (B,) through the draft stages: (x, x0, x_mid, boundary outputs, draft log-probs (B, V))."""
         idx, p = tok[:, None], pos[:, None]
-        x = self.model.embed(idx, self.cache, p)
-        state, hs = run_stages(self.model, TrunkState(x, x), idx, 0, self.d + 1, p, self.cache)
+        state, hs = self.model.walk(idx, None, 0, self.d + 1, p, self.cache)
         q = self.draft_mix.logprobs(self.model, [h[:, -1] for h in hs], self.heads[: self.d + 1])
         return state.x, state.x0, state.x_mid, hs, q
 
     def verify(self, x, x0, x_mid, shallow: list[torch.Tensor], idx: torch.Tensor, pos: torch.Tensor):
         """The remaining stages over idx (B, T) at pos (B, T): full-PoE log-probs (B, T, V)."""
-        _, deep = run_stages(self.model, TrunkState(x, x0, x_mid), idx, self.d + 1, self.model.config.n_stages,
-                             pos, self.cache)
+        _, deep = self.model.walk(idx, TrunkState(x, x0, x_mid), self.d + 1, self.model.config.n_stages, pos,
+                                  self.cache)
         return self.full_mix.logprobs(self.model, shallow + deep, self.heads)
 
 
@@ -146,19 +129,16 @@ def speculative_steps(model, rows: list[list[int]], draft_stage: int, k_draft, m
     B = len(rows)
     auto = k_draft == "auto"
     k_max = AUTO_MAX_DRAFT if auto else k_draft
-    if auto_threshold is None:   # the calibrated one stored in the checkpoint, else the default
-        auto_threshold = getattr(model, "checkpoint_meta", {}).get("calibration", {}) \
-            .get("speculative_threshold", {}).get(str(draft_stage), DEFAULT_AUTO_THRESHOLD)
-    threshold = auto_threshold
+    threshold = DEFAULT_AUTO_THRESHOLD if auto_threshold is None else auto_threshold
     capacity = min(cfg.sequence_len, max(len(r) for r in rows) + max_new_tokens + k_max)
-    if getattr(model, "compile_decode", False) is not False:
+    if fast_path(model) is not None:
         max_len = step_slots(model, capacity)
         step = cached_step(model, ("speculative", draft_stage, k_max, B, max_len),
-                           lambda: SpeculativeStep(model, draft_stage, B, max_len, model.compile_decode))
+                           lambda backend: SpeculativeStep(model, draft_stage, B, max_len, backend))
     else:
         step = SpeculativeStep(model, draft_stage, B, capacity, None, full_view=False)
     cache = step.cache
-    cache.lengths = [0] * B                     # from the start, also when the cache is reused
+    cache.reset()                               # from the start, also when the cache is reused
     generator = sampling.generator(device)
     gen.tokens = [[] for _ in rows]
     if max_new_tokens == 0:
@@ -167,8 +147,8 @@ def speculative_steps(model, rows: list[list[int]], draft_stage: int, k_draft, m
     # prefill everything but each prompt's last token; that token is the first pending input
     if max(len(r) for r in rows) > 1:
         T = max(len(r) for r in rows) - 1
-        model.trunk(torch.tensor([r[:-1] + [0] * (T - len(r) + 1) for r in rows], device=device), K, cache)
-    cache.lengths = [len(r) - 1 for r in rows]
+        model.walk(torch.tensor([r[:-1] + [0] * (T - len(r) + 1) for r in rows], device=device), None, 0, K, 0, cache)
+    cache.reset([len(r) - 1 for r in rows])
     pending = torch.tensor([r[-1] for r in rows], device=device)
     active = [True] * B
 
@@ -203,7 +183,7 @@ def speculative_steps(model, rows: list[list[int]], draft_stage: int, k_draft, m
         # --- verify: the remaining stages over the pending token and the k drafts, in one pass ------
         idx = torch.stack(tokens, 1)                                            # (B, k+1)
         pos = _positions(cache.lengths, 0, k + 1, device)
-        state = _cat_states(states)
+        state = TrunkState.cat(states)
         p = (step.fast_verify if k == k_max else step.verify)(                  # (B, k+1, V)
             state.x, state.x0, state.x_mid, [torch.cat([s[j] for s in shallow], 1) for j in range(draft_stage + 1)],
             idx, pos)
@@ -211,7 +191,7 @@ def speculative_steps(model, rows: list[list[int]], draft_stage: int, k_draft, m
             p = sampling_logprobs(p, sampling)
         # --- accept: the longest prefix of drafts the verifier agrees with, then one token of its own ---
         m, last = accept(p, idx, draft_logps, draft_len, sampling, generator)
-        emitted = [[] for _ in range(B)]
+        emitted, commit = [[] for _ in range(B)], [0] * B
         for r, (m_r, last_r) in enumerate(zip(m.tolist(), last.tolist())):
             if not active[r]:
                 continue
@@ -224,13 +204,14 @@ def speculative_steps(model, rows: list[list[int]], draft_stage: int, k_draft, m
             gen.accepted += m_r
             gen.passes += 1
             gen.tokens[r].extend(new)
-            cache.lengths[r] += m_r + 1
+            commit[r] = m_r + 1
             pending[r] = last_r
             if len(gen.tokens[r]) >= max_new_tokens or (eos_token_id is not None and eos_token_id in new):
                 active[r] = False
+        cache.advance(commit)   # the accepted drafts and the verifier's token; rejected slots are overwritten later
         for r in range(B):   # a finished row idles in lockstep at the cache start, where its writes fit
             if not active[r]:
-                cache.lengths[r] = 0
+                cache.rollback(r, 0)
         yield emitted
 
 

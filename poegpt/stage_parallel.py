@@ -29,20 +29,20 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .engine import Sampling, StageMix, check_prompts, new_cache, pick, to_rows
+from .cache import new_cache
+from .engine import Sampling, StageMix, check_prompts, pick, to_rows
 from .errors import PoEError
-from .model import PoEGPT, TrunkState
+from .model import PoEModel, TrunkState
 from .objectives import IGNORE_INDEX
-from .speculative import run_stages
 
 
-def shared_parameters(model: PoEGPT) -> list[torch.nn.Parameter]:
+def shared_parameters(model: PoEModel) -> list[torch.nn.Parameter]:
     """Parameters used by more than one stage: replicated, gradients all-reduced."""
     return [model.wte.weight, model.lm_head.weight, model.smear_gate.weight, model.smear_lambda,
             model.backout_lambda, model.resid_lambdas, model.x0_lambdas]
 
 
-def owned_parameters(model: PoEGPT, stage: int) -> list[torch.nn.Parameter]:
+def owned_parameters(model: PoEModel, stage: int) -> list[torch.nn.Parameter]:
     b = model.config.boundaries
     first = 0 if stage == 0 else b[stage - 1] + 1
     params = [p for i in range(first, b[stage] + 1) for p in model.blocks[i].parameters()]
@@ -51,7 +51,7 @@ def owned_parameters(model: PoEGPT, stage: int) -> list[torch.nn.Parameter]:
     return params + [model.lm_head_stages[stage].weight]
 
 
-def check_stage_parallel(model: PoEGPT, world_size: int) -> None:
+def check_stage_parallel(model: PoEModel, world_size: int) -> None:
     cfg = model.config
     if world_size != cfg.n_stages:
         raise PoEError(f"stage-parallel training needs one rank per stage: {cfg.n_stages} ranks, got {world_size}")
@@ -74,7 +74,7 @@ def _recv(shape, dtype, src: int) -> torch.Tensor:
     return t
 
 
-def stage_loss_step(model: PoEGPT, x: torch.Tensor, y: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+def stage_loss_step(model: PoEModel, x: torch.Tensor, y: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """This rank's forward and backward for one micro-batch; returns its (detached) loss term.
     The sum over ranks of the terms is the single-process isolated objective."""
     cfg = model.config
@@ -92,7 +92,7 @@ def stage_loss_step(model: PoEGPT, x: torch.Tensor, y: torch.Tensor, scale: floa
         state = TrunkState(stream, x0, mid)
     earlier = _recv((B * T, cfg.vocab_size), torch.promote_types(dtype, torch.float32), rank - 1) \
         if rank > 0 and cfg.objective == "residual_logop" else None
-    state, (h,) = run_stages(model, state, x, rank, rank + 1, 0, None)
+    state, (h,) = model.walk(x, state, rank, rank + 1, 0, None)
     logp = F.log_softmax(model.stage_logits(h.flatten(0, 1), rank), -1)
     targets = y.flatten()
     count = (targets != IGNORE_INDEX).sum().clamp(min=1)
@@ -115,14 +115,14 @@ def stage_loss_step(model: PoEGPT, x: torch.Tensor, y: torch.Tensor, scale: floa
     return loss.detach()
 
 
-def all_reduce_shared_grads(model: PoEGPT) -> None:
+def all_reduce_shared_grads(model: PoEModel) -> None:
     for p in shared_parameters(model):
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)
 
 
-def gather_owned(model: PoEGPT) -> None:
+def gather_owned(model: PoEModel) -> None:
     """Give every rank the owners' current values of every stage's parameters (for saving/evaluating)."""
     for k in range(model.config.n_stages):
         for p in owned_parameters(model, k):
@@ -130,7 +130,7 @@ def gather_owned(model: PoEGPT) -> None:
 
 
 @torch.no_grad()
-def generate_composition(model: PoEGPT, ids, stages, stage_weights=None, max_new_tokens: int = 32,
+def generate_composition(model: PoEModel, ids, stages, stage_weights=None, max_new_tokens: int = 32,
                          sampling: Sampling = Sampling()) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Stage-parallel weighted Log-OP decoding: rank k runs stage k; call on every rank.
     Returns (new tokens per row, the combined log-probs of each step) — meaningful on rank 0."""
@@ -163,7 +163,7 @@ def generate_composition(model: PoEGPT, ids, stages, stage_weights=None, max_new
                 mid = _recv((B, T, cfg.n_embd), dtype, rank - 1) \
                     if cfg.boundaries[rank - 1] >= cfg.backout_layer else None
                 state = TrunkState(stream, x0, mid)
-            state, (h,) = run_stages(model, state, tokens, rank, rank + 1, pos, cache)
+            state, (h,) = model.walk(tokens, state, rank, rank + 1, pos, cache)
             if rank + 1 < depth:
                 _send_state(state, None, rank + 1)
             if rank in mix.stages:

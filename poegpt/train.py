@@ -29,7 +29,8 @@ from .config import PoEConfig
 from .errors import PoEError
 from .evaluate import stream_metrics
 from .hardware import resolve_dtype_name, set_threads
-from .model import PoEGPT
+from .model import PoEModel
+from .objectives import PoELoss
 from .optim import build_optimizers, set_schedule
 
 
@@ -104,19 +105,21 @@ def measure_peak_flops(device: torch.device, dtype: str, n: int = 1024) -> float
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
-def validation_metrics(model, args: TrainArgs, tokenizer, token_bytes, device, amp) -> dict:
+def validation_metrics(model, args: TrainArgs, tokenizer, token_bytes, device, amp, root=None) -> dict:
+    """Validation BPB and friends; `root` is the module FSDP sharded (the step module), gathered here."""
     from .data import TokenLoader
     loader = TokenLoader(args.data, "val", args.batch_size, model.config.sequence_len, case_aug_p=0.0)
     n_batches = max(1, args.eval_tokens // (args.batch_size * model.config.sequence_len))
     batches = (tuple(t.to(device) for t in b) for b in loader.iter_batches(n_batches))
     model.eval()
-    sharded = hasattr(model, "unshard")          # FSDP2: evaluation calls the trunk, not forward, so gather the root
+    root = model if root is None else root
+    sharded = hasattr(root, "unshard")           # FSDP2: evaluation calls the trunk, not forward, so gather the root
     if sharded:
-        model.unshard()
+        root.unshard()
     with amp:
         m = stream_metrics(model, batches, token_bytes)
     if sharded:
-        model.reshard()
+        root.reshard()
     model.train()
     return m
 
@@ -187,7 +190,7 @@ class _Run:
     device: torch.device
     cfg: PoEConfig
     tokenizer: object
-    model: PoEGPT                               # the module (checkpoints, evaluation)
+    model: PoEModel                             # the module (checkpoints, evaluation)
     step_model: object                          # what a step calls: the module wrapped for DDP / FSDP
     stage_parallel: bool
     optimizers: list
@@ -278,7 +281,7 @@ def _build_model(args: TrainArgs, cfg: PoEConfig, info: DistInfo, device, dtype:
     """(model, the module a step calls, stage_parallel): seeded init, the checkpoint's weights when
     resuming, then the parallel wrapping under torchrun."""
     torch.manual_seed(args.seed)
-    model = PoEGPT(cfg).to(device, torch.float64 if dtype == "fp64" else torch.float32)
+    model = PoEModel(cfg).to(device, torch.float64 if dtype == "fp64" else torch.float32)
     if latest is not None:
         load_state(latest, model)
     stage_parallel = args.parallel == "stage" and info.enabled
@@ -286,7 +289,7 @@ def _build_model(args: TrainArgs, cfg: PoEConfig, info: DistInfo, device, dtype:
         from .stage_parallel import check_stage_parallel
         check_stage_parallel(model, info.world_size)
         return model, model, True
-    step_model = parallelize(model, args.parallel, info)   # what the step calls; `model` stays the module
+    step_model = parallelize(PoELoss(model), args.parallel, info)   # what the step calls; `model` stays the module
     return model, step_model, False
 
 
@@ -364,7 +367,8 @@ def _gather_evaluate_save(run: _Run) -> None:
 
 def _evaluate(run: _Run) -> None:
     """Validation metrics (on every rank, for FSDP), logged and plotted by the main rank."""
-    run.last_val = validation_metrics(run.model, run.args, run.tokenizer, run.token_bytes, run.device, run.amp)
+    run.last_val = validation_metrics(run.model, run.args, run.tokenizer, run.token_bytes, run.device, run.amp,
+                                      run.step_model)
     if run.info.is_main:
         _append_metrics(run, {"step": run.step, "val": run.last_val})
         run.progress.validation(run.step, run.last_val)

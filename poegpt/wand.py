@@ -18,19 +18,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .engine import Generation, check_prompts, new_cache, one_row_matmuls, to_rows
+from .cache import new_cache
+from .engine import Generation, check_prompts, one_row_matmuls, to_rows
 from .errors import PoEError
 from .model import TrunkState
-from .speculative import _cat_states, run_stages
 
 
-def check_bounds(model, safety, p99_bounds) -> list[float]:
-    K = model.config.n_stages
-    if not (isinstance(safety, (int, float)) and safety >= 0):
+def check_bounds(K: int, safety, p99_bounds) -> list[float]:
+    """The K-1 bounds WAND compares margins with (checked), from the given or calibrated ones."""
+    if not (isinstance(safety, (int, float)) and not isinstance(safety, bool) and safety >= 0):
         raise PoEError(f"safety must be a number >= 0, got {safety!r}")
     if p99_bounds is None:
-        p99_bounds = getattr(model, "checkpoint_meta", {}).get("calibration", {}).get("wand_p99_bounds")
-        if p99_bounds is None:
             raise PoEError("WAND needs p99 bounds: run `poegpt calibrate --model PATH --data DATA` to store them in "
                            "the checkpoint, or pass p99_bounds=[...] (one per stage but the last)")
     bounds = [float(b) for b in p99_bounds]
@@ -56,24 +54,23 @@ class LazyDepth:
         self.pending: list[list[tuple[TrunkState, torch.Tensor]]] = [[] for _ in range(K)]
         self.decode_layer_evals = 0                      # layer evaluations at positions past the prompt
 
-    def run_stage(self, k: int, state: TrunkState | None = None, idx: torch.Tensor | None = None) -> torch.Tensor:
-        """Run stage k on every position waiting for it (for k = 0: the given new token); return the
-        normed boundary output of the last position."""
+    def run_stage(self, k: int, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Run stage k on every position waiting for it (for k = 0: the given new tokens, embedded
+        here); return the normed boundary output of the last position."""
         b = self.model.config.boundaries
+        state = None
         if k > 0:
             waiting = self.pending[k - 1]
-            state, idx = _cat_states([s for s, _ in waiting]), torch.cat([t for _, t in waiting], 1)
+            state, idx = TrunkState.cat([s for s, _ in waiting]), torch.cat([t for _, t in waiting], 1)
             self.pending[k - 1] = []
         pos = self.filled[k]
-        state, (h,) = run_stages(self.model, state, idx, k, k + 1, pos, self.cache)
+        state, (h,) = self.model.walk(idx, state, k, k + 1, pos, self.cache)
         T = idx.size(1)
         decode_positions = pos + T - max(pos, self.prompt_len)
         self.decode_layer_evals += max(decode_positions, 0) * (b[k] - (b[k - 1] if k > 0 else -1))
         self.filled[k] = pos + T
         if k + 1 < len(self.filled):
-            self.pending[k].extend((TrunkState(state.x[:, t:t + 1], state.x0[:, t:t + 1],
-                                               None if state.x_mid is None else state.x_mid[:, t:t + 1]),
-                                    idx[:, t:t + 1]) for t in range(T))
+            self.pending[k].extend((state.positions(t, t + 1), idx[:, t:t + 1]) for t in range(T))
         return h[:, -1]
 
     def flush(self) -> None:
@@ -92,14 +89,12 @@ def wand_row_steps(model, prompt: list[int], max_new_tokens: int, safety: float,
     cache = new_cache(model, 1, len(prompt) + max_new_tokens)
     walker = LazyDepth(model, cache, len(prompt))
     idx = torch.tensor([prompt], device=device)
-    x = model.embed(idx, cache, 0)
-    state = TrunkState(x, x)
     for n in range(1, max_new_tokens + 1):
         score = None
         for j in range(K):
             rows = idx.size(1) if j == 0 else len(walker.pending[j - 1])
             with one_row_matmuls(model, rows):
-                h = walker.run_stage(j, state, idx) if j == 0 else walker.run_stage(j)
+                h = walker.run_stage(j, idx)
                 logp = F.log_softmax(model.stage_logits(h[0], j), -1)
             score = logp if score is None else score + logp
             a, margin = margin_and_argmax(score)
@@ -109,9 +104,7 @@ def wand_row_steps(model, prompt: list[int], max_new_tokens: int, safety: float,
         if n == max_new_tokens or a == eos_token_id:
             break
         idx = torch.tensor([[a]], device=device)
-        x = model.embed(idx, cache, len(prompt) + n - 1)
-        state = TrunkState(x, x)
-    cache.lengths = [walker.filled[0]]
+    cache.reset([walker.filled[0]])
     return walker
 
 
@@ -119,7 +112,7 @@ def wand_row_steps(model, prompt: list[int], max_new_tokens: int, safety: float,
 def wand_steps(model, rows: list[list[int]], max_new_tokens: int, safety: float, p99_bounds,
                eos_token_id: int | None, gen: Generation):
     """Yield per-row new tokens (rows one after another); `gen` collects tokens, stages and layer counts."""
-    bounds = check_bounds(model, safety, p99_bounds)
+    bounds = check_bounds(model.config.n_stages, safety, p99_bounds)
     check_prompts(model, rows, max_new_tokens)
     gen.tokens, gen.stages_used = [[] for _ in rows], [[] for _ in rows]
     b = model.config.boundaries

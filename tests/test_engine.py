@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from poegpt import PoEConfig, PoEError
 from poegpt.engine import Sampling, StageMix, stream_text
 from poegpt.logop import logop
-from poegpt.model import KVCache
-from poegpt.modes import ModeSpec, mode_steps
+from poegpt.cache import KVCache
+from poegpt.modes import ModeSpec, mode_steps, run_mode
 from poegpt.speculative import generate_speculative
 from poegpt.wand import LazyDepth, wand_row_steps
 
@@ -81,7 +81,7 @@ def test_cached_decoding_logits_equal_nocache_forward(model):
     cache = KVCache(model.config, 3, 20, dtype=torch.float32)
     T = max(len(r) for r in rows)
     model.trunk(torch.tensor([r + [0] * (T - len(r)) for r in rows]), cache=cache)
-    cache.lengths = [len(r) for r in rows]
+    cache.reset([len(r) for r in rows])
     for step in range(9):
         tok = torch.tensor([[out[r, len(rows[r]) + step].item()] for r in range(3)])
         hs = model.trunk(tok, cache=cache)
@@ -242,7 +242,9 @@ def test_calibrated_wand_and_auto_draft_on_trained_model(trained_model, tmp_path
     out, stages = m.generate_wand(ids, max_new_tokens=20, p99_bounds=bounds["wand_p99_bounds"],
                                   return_stages_used=True)
     assert out.shape == full.shape and len(stages[0]) == 20
-    assert m.last_generation.extra["exit_layers_per_token"] <= 8
+    gen = run_mode(m, ids, ModeSpec("wand", p99_bounds=tuple(bounds["wand_p99_bounds"])), 20)
+    assert gen.tokens[0] == out[0, ids.size(1):].tolist()
+    assert gen.extra["exit_layers_per_token"] <= 8
 
 
 @pytest.mark.parametrize("call, match", [

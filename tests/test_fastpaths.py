@@ -25,7 +25,7 @@ def test_windowed_attention_equals_masked_sdpa_fp64(pos, T, window, gqa):
 
 # --- the fixed-shape decode step ---------------------------------------------------------------------
 
-from poegpt.engine import StageMix, compile_decode  # noqa: E402
+from poegpt.engine import StageMix, compile_decode, fast_path  # noqa: E402
 from poegpt.modes import ModeSpec, mode_steps  # noqa: E402
 
 from conftest import build_random_model  # noqa: E402
@@ -65,7 +65,7 @@ def test_static_step_equals_eager_decoding(model, mix):
         assert generate(model, prompts, mix, 14) == want
         assert generate(model, prompts, mix, 14, do_sample=True, top_k=20, seed=3) == want_s
         assert generate(model, prompts[1:], mix, 14) == want[1:]     # another batch size: another step
-        assert len(model._decode_steps) == 2
+        assert len(fast_path(model).steps) == 2
     finally:
         compile_decode(model, False)
 
@@ -147,7 +147,7 @@ def test_speculative_fixed_shape_passes_equal_eager(model, draft_stage, k_draft)
         assert speculative(model, at_end, 19, draft_stage=draft_stage, k_draft=k_draft) == want_end
         assert speculative(model, prompts, 19, draft_stage=draft_stage, k_draft=k_draft, do_sample=True,
                            seed=4) == want_s
-        assert {key[0] for key in model._decode_steps} == {"speculative"} and len(model._decode_steps) == 2
+        assert {key[0] for key in fast_path(model).steps} == {"speculative"} and len(fast_path(model).steps) == 2
     finally:
         compile_decode(model, False)
 

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from poegpt import PoEConfig, PoEError, PoEGPT
 from poegpt.config import card_stage_layout
-from poegpt.model import KVCache, TrunkState, attention_mask
+from poegpt.cache import KVCache
+from poegpt.model import TrunkState, attention_mask
 
 CARD_PARAMS = 1_507_591_082
 
@@ -723,7 +724,8 @@ def test_ragged_batch_rows_generate_as_if_alone(random_model, token_batch):
 def test_cache_row_view_shares_storage():
     """A row view of a KVCache writes through to the parent's rows and keeps its own lengths."""
     from poegpt.config import PoEConfig
-    from poegpt.model import KVCache, PoEGPT
+    from poegpt import PoEGPT
+    from poegpt.cache import KVCache
     torch.manual_seed(0)
     model = PoEGPT(PoEConfig.from_preset("tiny")).eval()
     cache = KVCache(model.config, 3, 16)
@@ -732,6 +734,6 @@ def test_cache_row_view_shares_storage():
     with torch.no_grad():
         hs = model.trunk(idx, cache=view)
         alone = model.trunk(idx)
-    assert view.lengths == [5] and cache.lengths == [0, 0, 0]
+    assert view.lengths == (5,) and cache.lengths == (0, 0, 0)
     assert torch.equal(cache.k[0][1, :, :5], view.k[0][0, :, :5]) and cache.k[0][0].abs().sum() == 0
     torch.testing.assert_close(hs[-1], alone[-1], rtol=1e-5, atol=1e-5)

@@ -41,7 +41,7 @@ def test_stage_parallel_training_equals_single_process_isolated(data_dir, tmp_pa
 
 
 def build_init(cfg: PoEConfig) -> dict:
-    from poegpt.model import PoEGPT
+    from poegpt.model import PoEModel as PoEGPT
     torch.manual_seed(0)   # as train() builds its model (seed=0)
     return PoEGPT(cfg).double().state_dict()
 

@@ -18,6 +18,7 @@ from poegpt import PoEConfig, PoEError, PoEGPT
 from poegpt.checkpoint import (checkpoints_in, load_model, load_training_state, resolve_checkpoint,
                                save_checkpoint)
 from poegpt.data import TokenLoader, prepare
+from poegpt.objectives import model_loss
 from poegpt.evaluate import prompt_target_ranks, stream_metrics, write_report
 from poegpt.optim import build_optimizers
 from poegpt.tokenizer import Tokenizer
@@ -105,7 +106,7 @@ def test_checkpoint_round_trip_and_optimizer_state(tmp_path):
     model = PoEGPT(PoEConfig.from_preset("tiny"))
     opts = build_optimizers(model)
     x = torch.randint(0, 512, (2, 16))
-    loss, _ = model(x[:, :-1], x[:, 1:])
+    loss, _ = model_loss(model, x[:, :-1], x[:, 1:])
     loss.backward()
     for o in opts:
         o.step()

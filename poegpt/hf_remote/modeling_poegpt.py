@@ -6,7 +6,7 @@ The wrapper owns one `PoEGPT` (`self.model`) and adds nothing to its computation
   computed by the engine's own `StageMix.full` (the distribution poegpt's `generate` picks from), so
   transformers' greedy search and samplers (temperature, top-k, top-p) act on the PoE distribution.
 - The KV cache is transformers' (`DynamicCache`). `CacheView` gives it the interface of poegpt's
-  `KVCache` that the trunk calls (`positions`, `store`, `write`, `embeds`), so the attention, the
+  cache contract that the trunk calls (`positions`, `store`, `store_embeds`, `advance`), so the attention, the
   SSSL windows, the smear gate and the value embeddings are the trunk's own code. Besides one
   cache layer per transformer layer, one extra layer holds every position's normed token embedding,
   which the smear gate of the next position reads; keeping it inside the cache means reordering,
@@ -32,9 +32,12 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..api import PoEGPT
+from ..cache import predecessors
+from ..config import Calibration
 from ..engine import StageMix
 from ..errors import PoEError
-from ..model import PoEGPT, rotary_tables
+from ..model import rotary_tables
 from .configuration_poegpt import PoEGPTConfig
 
 # transformers 5.24 names the output's cache field `cache`; 5.19 `past_key_values`
@@ -52,7 +55,7 @@ def check_cache(cache) -> None:
 
 
 class CacheView:
-    """poegpt's `KVCache` interface over a transformers `Cache`, for one forward call.
+    """poegpt's cache contract (`cache.py`) over a transformers `Cache`, for one forward call.
 
     `order` (B, S) lists, per row, the cache slots of real tokens first (in order) and padding
     slots after them; None when there is no padding, and the slots are the positions already."""
@@ -60,11 +63,18 @@ class CacheView:
     def __init__(self, cache: Cache, n_layer: int, positions, order: torch.Tensor | None, batch_size: int):
         self.cache, self.n_layer, self.order = cache, n_layer, order
         self._positions = positions
-        self.lengths = [0] * batch_size      # the trunk advances these; the transformers cache keeps its own
-        self.embeds = None
+        self._lengths = [0] * batch_size     # the trunk advances these; the transformers cache keeps its own
         if getattr(cache, "layer_class_to_replicate", None) is None:
             while len(cache.layers) <= n_layer:   # a cache built from the config has no slot for the embeddings yet
                 cache.layers.append(DynamicLayer())
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        return tuple(self._lengths)
+
+    def advance(self, n) -> None:
+        ns = [n] * len(self._lengths) if isinstance(n, int) else list(n)
+        self._lengths = [a + b for a, b in zip(self._lengths, ns)]
 
     def positions(self, T: int, device):
         return self._positions
@@ -82,14 +92,11 @@ class CacheView:
         k, v = self.cache.update(k, v, layer)
         return self._by_position(k, 2), self._by_position(v, 2)
 
-    def write(self, buf, value: torch.Tensor, pos, dim: int):
-        # Only `embed` writes through here: the (B, T, d) normed token embeddings, kept as the keys
-        # of the extra layer (with zero-width values).
-        if dim != 1:
-            raise PoEError("CacheView stores keys and values through store(); write() takes embeddings only")
-        e, _ = self.cache.update(value[:, None], value[:, None, :, :0], self.n_layer)
-        self.embeds = self._by_position(e[:, 0], 1)
-        return self.embeds.size(1)
+    def store_embeds(self, x: torch.Tensor, pos):
+        """The (B, T, d) normed token embeddings, kept as the keys of the extra layer (with zero-width
+        values); returns each token's predecessor's embedding."""
+        e, _ = self.cache.update(x[:, None], x[:, None, :, :0], self.n_layer)
+        return predecessors(self._by_position(e[:, 0], 1), x, pos)
 
 
 def _delegate(name: str):
@@ -132,7 +139,7 @@ class PoEGPTForCausalLM(PoEGPTPreTrainedModel, GenerationMixin):
             calibration["wand_p99_bounds"] = list(config.wand_p99_bounds)
         if config.speculative_threshold:
             calibration["speculative_threshold"] = dict(config.speculative_threshold)
-        self.model.checkpoint_meta = {"calibration": calibration}
+        self.model.calibration = Calibration.from_meta(calibration)
         self.post_init()
 
     def get_input_embeddings(self):
