@@ -802,7 +802,7 @@ def proc_server(card_model, tok, tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
     save_checkpoint(d / "ckpt", card_model, tok, meta={"step": 0})
     srv = ServeProcess(d / "ckpt", d / "stderr.txt", "--served-name", "card", "--max-batch", "8",
-                       "--max-queue", "64", "--timeout", "120", "--threads", "1")
+                       "--max-queue", "64", "--timeout", "120", "--threads", "1", "--dtype", "fp32")
     yield srv
     srv.stop()
 
