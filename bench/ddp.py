@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import os
 import socket
 import tempfile
@@ -20,6 +21,9 @@ import torch
 import torch.multiprocessing as mp
 
 from poegpt.train import TrainArgs, train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import describe, measure as measure_machine  # noqa: E402
 
 
 def free_port() -> int:
@@ -76,10 +80,12 @@ def main() -> None:
                        nprocs=a.ranks, join=True, start_method="spawn")
     warm = min(5, a.steps // 3)
     one, many = step_seconds(tmp / "single", warm), step_seconds(tmp / "ranks", warm)
+    machine = measure_machine(flops=False, bw=False)
+    print(describe(machine))
     print(f"{'setup':<28}{'s/step':>10}{'speed-up':>10}")
     print(f"{'1 process, 1 thread':<28}{one:>10.4f}{1.0:>10.2f}")
     print(f"{f'{a.ranks} gloo ranks ({a.parallel})':<28}{many:>10.4f}{one / many:>10.2f}")
-    print(json.dumps({"bench": "ddp", "preset": a.preset, "global_batch": a.batch_size, "ranks": a.ranks,
+    print(json.dumps({"bench": "ddp", "machine": machine, "preset": a.preset, "global_batch": a.batch_size, "ranks": a.ranks,
                       "parallel": a.parallel, "s_per_step_1": one, "s_per_step_n": many,
                       "speedup": one / many, "load_avg": os.getloadavg()[0]}))
 

@@ -12,8 +12,10 @@ agreement of the tokens with full greedy, and for speculative decoding the accep
 verify passes; compile time excluded, reported separately). `stage K-1` alone is the dense
 baseline: the same trunk with one head. Prints tables, then one JSON line.
 
-    python bench/decode.py                                   # the shipped demo model, bf16
+    python bench/decode.py                                   # the shipped demo model, dtype auto
     python bench/decode.py --model runs/demo/run --dtype fp32 --no-compile
+
+The modes and their settings come from the mode table (`poegpt.modes.MODES`, each entry's sweep).
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe, measure  # noqa: E402
 
 from poegpt.engine import Generation, Sampling, compile_decode  # noqa: E402
-from poegpt.modes import ModeSpec, mode_steps  # noqa: E402
+from poegpt.hardware import resolve_dtype  # noqa: E402
+from poegpt.modes import MODES, mode_steps  # noqa: E402
 
 PROMPTS = ["The capital of France is", "대한민국의 수도는", "def fibonacci(n):", "In the beginning",
            "La capital de España es", "東京は日本の", "Once upon a time, there was", "The speed of light"]
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def run(model, rows, spec, n, batch):
@@ -113,93 +115,59 @@ def load_hf(checkpoint, dtype):
     return hf
 
 
-def main():
+def parse_args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", help="checkpoint or run directory (default: the shipped demo model)")
-    ap.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="weights and compute (default auto: bf16 where the CPU has it natively, else fp32)")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per figure (the best is kept)")
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 8])
-    ap.add_argument("--safety", type=float, default=1.0)
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled decode steps")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers generate")
     ap.add_argument("--modes", nargs="*", help="labels of the modes to run (default: all; full always runs)")
     ap.add_argument("--compile-modes", nargs="*", help="labels of the modes to time compiled (default: all but WAND)")
-    a = ap.parse_args()
-    from poegpt.checkpoint import load_model
-    torch.manual_seed(0)
-    dtype = DTYPES[a.dtype]
-    machine = measure(flops=False, bw=False)
-    model, tok = load_model(a.model, dtype=dtype)
-    rows = [tok.encode(p) for p in PROMPTS]
-    name = str(a.model or "demo")
-    cfg = model.config
-    K = cfg.n_stages
-    has_bounds = "wand_p99_bounds" in getattr(model, "checkpoint_meta", {}).get("calibration", {})
-    specs = [("full", ModeSpec("full"))]
-    specs += [(f"prefix {m}", ModeSpec("prefix", max_stages=m)) for m in range(1, K)]
-    specs += [(f"stage {k}" + (" (dense)" if k == K - 1 else ""), ModeSpec("stage", stage=k)) for k in (0, K - 1)]
-    specs += [(f"composition {tuple(range(0, K, 2))}", ModeSpec("composition", stages=tuple(range(0, K, 2))))]
-    for d in range(K - 1):
-        for k in (3, "auto"):
-            specs.append((f"speculative d{d} k{k}", ModeSpec("speculative", draft_stage=d, k_draft=k)))
-    if has_bounds:
-        specs.append((f"wand safety {a.safety}", ModeSpec("wand", safety=a.safety)))
-    specs.append(("wand (inf bounds)", ModeSpec("wand", p99_bounds=(float("inf"),) * (K - 1))))
+    return ap.parse_args()
 
-    if a.modes:
-        specs = [s for s in specs if s[0] == "full" or s[0] in a.modes]
-    hf_rows = {}
-    if not a.no_hf:
-        hf = load_hf(a.model, dtype)
-        for B in a.batches:
-            hf_generate(hf, rows[:B], 4, B)                              # warm-up
-            toks, dt = best_of(lambda: hf_generate(hf, rows, a.tokens, B), a.repeats)
-            hf_rows[B] = {"tok_s": len(rows) * a.tokens / dt, "tokens": toks}
 
-    results, reference = [], None
-    for label, spec in specs:
-        row = {"mode": label}
-        compilable = spec.mode != "wand"       # the static modes' one-token step; speculative's draft and verify
-        for B in a.batches:
+def measure_mode(model, rows, label, spec, a, hf_rows, reference) -> dict:
+    """One mode's row: eager (and compiled) tok/s per batch size, agreement with full, what it did."""
+    row = {"mode": label}
+    compilable = spec.mode != "wand"       # the static modes' one-token step; speculative's draft and verify
+    for B in a.batches:
+        compile_decode(model, False)
+        run(model, rows[:B], spec, 4, B)                                 # warm-up
+        gen, dt = best_of(lambda: run(model, rows, spec, a.tokens, B), a.repeats)
+        n = sum(len(t) for t in gen.tokens)
+        row[f"b{B}_eager_tok_s"] = n / dt
+        if B == 1:
+            reference = reference or gen.tokens
+            same = sum(x == y for g, r in zip(gen.tokens, reference) for x, y in zip(g, r))
+            row.update(tokens=n, agreement_with_full=same / sum(len(r) for r in reference),
+                       identical_to_full=gen.tokens == reference, generated=gen.tokens)
+            if spec.mode == "speculative":
+                row.update(acceptance=gen.acceptance, tau=n / max(gen.passes, 1))
+            if spec.mode == "wand":
+                row.update(gen.extra)
+        if compilable and not a.no_compile and (a.compile_modes is None or label in a.compile_modes):
+            compile_decode(model, True)
+            t0 = time.perf_counter()
+            run(model, rows[:B], spec, a.tokens, B)                      # compiles the step for this shape
+            row[f"b{B}_compile_s"] = time.perf_counter() - t0
+            cgen, cdt = best_of(lambda: run(model, rows, spec, a.tokens, B), a.repeats)
+            row[f"b{B}_compiled_tok_s"] = n / cdt
+            row[f"b{B}_compiled_identical"] = cgen.tokens == gen.tokens
             compile_decode(model, False)
-            run(model, rows[:B], spec, 4, B)                                 # warm-up
-            gen, dt = best_of(lambda: run(model, rows, spec, a.tokens, B), a.repeats)
-            n = sum(len(t) for t in gen.tokens)
-            row[f"b{B}_eager_tok_s"] = n / dt
-            if B == 1:
-                if label == "full":
-                    reference = gen.tokens
-                same = sum(x == y for g, r in zip(gen.tokens, reference) for x, y in zip(g, r))
-                row.update(tokens=n, agreement_with_full=same / sum(len(r) for r in reference),
-                           identical_to_full=gen.tokens == reference)
-                if spec.mode == "speculative":
-                    row.update(acceptance=gen.acceptance, tau=n / max(gen.passes, 1))
-                if spec.mode == "wand":
-                    row.update(gen.extra)
-            if compilable and not a.no_compile and (a.compile_modes is None or label in a.compile_modes):
-                compile_decode(model, True)
-                t0 = time.perf_counter()
-                run(model, rows[:B], spec, a.tokens, B)                      # compiles the step for this shape
-                row[f"b{B}_compile_s"] = time.perf_counter() - t0
-                cgen, cdt = best_of(lambda: run(model, rows, spec, a.tokens, B), a.repeats)
-                row[f"b{B}_compiled_tok_s"] = n / cdt
-                row[f"b{B}_compiled_identical"] = cgen.tokens == gen.tokens
-                compile_decode(model, False)
-            row[f"b{B}_tok_s"] = max(row[f"b{B}_eager_tok_s"], row.get(f"b{B}_compiled_tok_s", 0.0))
-            row[f"b{B}_path"] = "compiled" if row[f"b{B}_tok_s"] > row[f"b{B}_eager_tok_s"] else "eager"
-            if B in hf_rows:
-                row[f"b{B}_vs_hf"] = row[f"b{B}_tok_s"] / hf_rows[B]["tok_s"]
-        if spec.mode != "wand":      # WAND counts its own: layers run per decode position, lazy fills included
-            row["layers_per_token"] = layer_evals(model, rows, spec, a.tokens) / row["tokens"]
-        results.append(row)
-    for B, h in hf_rows.items():
-        h["identical_to_full"] = h.pop("tokens") == reference
-    base = results[0]
-    for r in results:
-        for B in a.batches:
-            r[f"b{B}_speedup_vs_full"] = r[f"b{B}_tok_s"] / base[f"b{B}_tok_s"]
+        row[f"b{B}_tok_s"] = max(row[f"b{B}_eager_tok_s"], row.get(f"b{B}_compiled_tok_s", 0.0))
+        row[f"b{B}_path"] = "compiled" if row[f"b{B}_tok_s"] > row[f"b{B}_eager_tok_s"] else "eager"
+        if B in hf_rows:
+            row[f"b{B}_vs_hf"] = row[f"b{B}_tok_s"] / hf_rows[B]["tok_s"]
+    if spec.mode != "wand":      # WAND counts its own: layers run per decode position, lazy fills included
+        row["layers_per_token"] = layer_evals(model, rows, spec, a.tokens) / row["tokens"]
+    return row
 
+
+def print_tables(name, cfg, a, rows, machine, hf_rows, results) -> None:
     print(f"model: {name} ({cfg.n_layer} layers as {list(cfg.stage_layout)}, d={cfg.n_embd}, V={cfg.vocab_size}), "
           f"{a.dtype}; {len(rows)} prompts x {a.tokens} new tokens, greedy; {describe(machine)}")
     for B, h in hf_rows.items():
@@ -217,11 +185,43 @@ def main():
         line += (f"{r['layers_per_token']:>11.2f}{r.get('acceptance', float('nan')):>7.2f}"
                  f"{r.get('tau', float('nan')):>6.2f}{r['agreement_with_full']:>7.3f}")
         print(line)
+
+
+def main():
+    a = parse_args()
+    from poegpt.checkpoint import load_model
+    torch.manual_seed(0)
+    dtype = resolve_dtype(a.dtype)
+    a.dtype = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    machine = measure(flops=False, bw=False)
+    model, tok = load_model(a.model, dtype=dtype)
+    rows = [tok.encode(p) for p in PROMPTS]
+    name, cfg = str(a.model or "demo"), model.config
+    specs = [c for mode in MODES.values() for c in mode.configurations(cfg, model.calibration, sweep=True)]
+    if a.modes:
+        specs = [s for s in specs if s[0] == "full" or s[0] in a.modes]
+    hf_rows = {}
+    if not a.no_hf:
+        hf = load_hf(a.model, dtype)
+        for B in a.batches:
+            hf_generate(hf, rows[:B], 4, B)                              # warm-up
+            toks, dt = best_of(lambda: hf_generate(hf, rows, a.tokens, B), a.repeats)
+            hf_rows[B] = {"tok_s": len(rows) * a.tokens / dt, "tokens": toks}
+    results = []
+    for label, spec in specs:            # full first: the reference every other mode is compared with
+        results.append(measure_mode(model, rows, label, spec, a, hf_rows, results[0]["generated"] if results else None))
+    reference = results[0]["generated"]
+    for r in results:
+        r.pop("generated")
+        for B in a.batches:
+            r[f"b{B}_speedup_vs_full"] = r[f"b{B}_tok_s"] / results[0][f"b{B}_tok_s"]
+    for B, h in hf_rows.items():
+        h["identical_to_full"] = h.pop("tokens") == reference
+    print_tables(name, cfg, a, rows, machine, hf_rows, results)
     print(json.dumps({"bench": "decode", "model": name, "dtype": a.dtype, "n_layer": cfg.n_layer,
                       "stage_layout": list(cfg.stage_layout), "tokens": a.tokens, "prompts": len(rows),
                       "machine": {**machine, "load_1m_end": measure(flops=False, bw=False)["load_1m"]},
                       "hf": hf_rows, "results": results}))
-
 
 if __name__ == "__main__":
     main()

@@ -2,7 +2,9 @@
 
 Measured, not looked up: a large copy (bytes read + written per second) and a large reduction (bytes
 read per second) for bandwidth, square GEMMs in fp32 and bf16 for FLOP/s (the best of a few runs).
-Also the load average when called, since other work on the machine skews every figure.
+Also which CPU it is (model, the flags that decide the fast dtype, torch's CPU capability: the same
+machine kind has been an AVX2-only Zen 3 and an AVX512_BF16 Zen 4) and the load average when called,
+since other work on the machine skews every figure.
 
     python bench/machine.py          # prints the figures as one JSON line
 """
@@ -17,9 +19,12 @@ import torch
 
 
 def load() -> dict:
+    from poegpt.hardware import cpu, native_on_cpu
+    info = cpu()
     one, five, _ = os.getloadavg()
-    return {"load_1m": round(one, 2), "load_5m": round(five, 2), "cpus": os.cpu_count(),
-            "threads": torch.get_num_threads()}
+    return {"cpu": info["model"], "cpu_flags": info["flags"], "capability": info["capability"],
+            "native_bf16": native_on_cpu("bf16", info), "load_1m": round(one, 2), "load_5m": round(five, 2),
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
 
 
 def bandwidth(gb: float = 1.0, repeats: int = 5) -> dict:
@@ -60,7 +65,8 @@ def measure(flops: bool = True, bw: bool = True) -> dict:
 
 
 def describe(m: dict) -> str:
-    parts = [f"{m['threads']} threads, load {m['load_1m']:.2f} (1 min) on {m['cpus']} CPUs"]
+    parts = [f"{m['cpu']} ({' '.join(m['cpu_flags'])}; torch capability {m['capability']})",
+             f"{m['threads']} threads, load {m['load_1m']:.2f} (1 min) on {m['cpus']} CPUs"]
     if "copy_gb_s" in m:
         parts.append(f"copy {m['copy_gb_s']:.1f} GB/s, read {m['read_gb_s']:.1f} GB/s")
     gemm = [f"{t} {m[t + '_gflop_s']:.0f}" for t in ("fp32", "bf16") if t + "_gflop_s" in m]

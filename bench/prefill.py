@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import multiprocessing as mp
 import os
 import resource
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import describe, measure as measure_machine  # noqa: E402
 
 
 def measure(depth: int, context: int, pattern: str, dtype: str, repeats: int, queue) -> None:
@@ -71,6 +76,8 @@ def main():
         row["above_base_ratio"] = row["SSSL"]["above_base_mb"] / max(row["L"]["above_base_mb"], 1e-9)
         results.append(row)
     print(f"prefill, depth {a.depth}, batch 1, {a.dtype}, full PoE; SSSL windows {results[0]['SSSL']['windows']}")
+    machine = measure_machine(flops=False, bw=False)
+    print(describe(machine))
     print(f"load average {os.getloadavg()[0]:.2f} (1 min) on {os.cpu_count()} CPUs; peak MB is the process's max RSS, "
           f"'above base' its rise during the prefills (cache, activations, attention)")
     print(f"{'context':>8}{'SSSL s':>9}{'L s':>9}{'ratio':>7}{'SSSL MB':>9}{'L MB':>8}{'ratio':>7}"
@@ -79,7 +86,7 @@ def main():
         print(f"{r['context']:>8}{r['SSSL']['seconds']:>9.3f}{r['L']['seconds']:>9.3f}{r['time_ratio']:>7.2f}"
               f"{r['SSSL']['peak_mb']:>9.0f}{r['L']['peak_mb']:>8.0f}{r['memory_ratio']:>7.2f}"
               f"{r['SSSL']['above_base_mb']:>10.0f}{r['L']['above_base_mb']:>8.0f}{r['above_base_ratio']:>7.2f}")
-    print(json.dumps({"bench": "prefill", "depth": a.depth, "dtype": a.dtype, "results": results}))
+    print(json.dumps({"bench": "prefill", "depth": a.depth, "dtype": a.dtype, "machine": machine, "results": results}))
 
 
 if __name__ == "__main__":

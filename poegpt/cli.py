@@ -218,10 +218,9 @@ def _run_mode(model, tok, prompt, spec, a, sampling, echo=False):
 
 def _generate_all_modes(model, tok, a, sampling) -> None:
     """Each prompt in every mode of the table (its showcase settings), as a table."""
-    from .modes import MODES, ModeSpec
-    specs = [(label, ModeSpec(name, **fields)) for name, mode in MODES.items()
-             for label, fields in mode.examples(model.config, model.calibration)
-             if sampling.greedy or not mode.greedy_only]
+    from .modes import MODES
+    specs = [c for mode in MODES.values() if sampling.greedy or not mode.greedy_only
+             for c in mode.configurations(model.config, model.calibration)]
     for p in a.prompt:
         print(f"\n{p!r}")
         print(f"  {'mode':<34}{'tok/s':>8}{'layers/tok':>11}{'accept':>8}  text")

@@ -76,7 +76,8 @@ class Mode:
     yields each row's new tokens per step and fills `gen`; `check(spec, model)` raises on values out
     of range for the model; `mix(spec, config)` is set for static modes; `report(spec, gen, config,
     tokens)` says what the mode did for one sequence and `merge` folds reports of many;
-    `examples(config, calibration)` lists (label, fields) to show the mode with."""
+    `examples(config, calibration)` lists (label, fields) to show the mode with (`generate --mode
+    all`), `sweep` the wider set the benches measure (default: the examples)."""
     name: str
     help: str
     run: Callable[..., Iterator[list[list[int]]]]
@@ -87,6 +88,12 @@ class Mode:
     mix: Callable[..., StageMix] | None = None
     greedy_only: str | None = None               # why, when the mode cannot sample
     merge: Callable[[list[dict]], dict] | None = None
+    sweep: Callable[..., list[tuple[str, dict]]] | None = None
+
+    def configurations(self, config, calibration, sweep: bool = False) -> list[tuple[str, "ModeSpec"]]:
+        """(label, ModeSpec) of the showcase settings, or of the bench sweep."""
+        pick = self.sweep if sweep and self.sweep is not None else self.examples
+        return [(label, ModeSpec(self.name, **fields)) for label, fields in pick(config, calibration)]
 
     @property
     def batched(self) -> bool:
@@ -235,9 +242,9 @@ def static_report(spec: ModeSpec, gen: Generation | None, config, tokens: int) -
     return info
 
 
-def _static(name: str, help: str, mix, examples, fields: tuple[Field, ...] = ()) -> Mode:
+def _static(name: str, help: str, mix, examples, fields: tuple[Field, ...] = (), sweep=None) -> Mode:
     return Mode(name, help, static_steps, static_report, examples, fields,
-                check=lambda spec, model: spec.stage_mix(model), mix=mix)
+                check=lambda spec, model: spec.stage_mix(model), mix=mix, sweep=sweep)
 
 
 register(_static("full", "all stages, Log-OP of every stage",
@@ -246,11 +253,14 @@ register(_static("full", "all stages, Log-OP of every stage",
 register(_static("prefix", "layers 0..b_{m-1} only, Log-OP of the first m stages",
                  lambda spec, cfg: StageMix.prefix(cfg.n_stages, spec.max_stages),
                  lambda cfg, cal: [(f"prefix {cfg.n_stages // 2}", {"max_stages": cfg.n_stages // 2})],
-                 (Field("max_stages", "int", "how many stages", required=True),)))
+                 (Field("max_stages", "int", "how many stages", required=True),),
+                 lambda cfg, cal: [(f"prefix {m}", {"max_stages": m}) for m in range(1, cfg.n_stages)]))
 register(_static("stage", "layers 0..b_k, stage k's own head",
                  lambda spec, cfg: StageMix.single(cfg.n_stages, spec.stage),
                  lambda cfg, cal: [("stage 0", {"stage": 0})],
-                 (Field("stage", "int", "which stage", required=True),)))
+                 (Field("stage", "int", "which stage", required=True),),
+                 lambda cfg, cal: [("stage 0", {"stage": 0}), (f"stage {cfg.n_stages - 1} (dense)",
+                                                               {"stage": cfg.n_stages - 1})]))
 register(_static("composition", "to the deepest selected boundary, weighted Log-OP of the selected stages",
                  lambda spec, cfg: StageMix.composition(cfg.n_stages, spec.stages, spec.stage_weights),
                  lambda cfg, cal: [(f"composition {list(range(0, cfg.n_stages, 2))}",
@@ -293,13 +303,19 @@ def _wand_examples(cfg, calibration) -> list[tuple[str, dict]]:
     return [("wand (no calibration: inf bounds)", {"p99_bounds": (math.inf,) * (cfg.n_stages - 1)})]
 
 
+def _wand_sweep(cfg, calibration) -> list[tuple[str, dict]]:
+    """Calibrated (when it is), and with infinite bounds: never exits early, so it checks the accounting."""
+    inf = [("wand (inf bounds)", {"p99_bounds": (math.inf,) * (cfg.n_stages - 1)})]
+    return ([("wand safety 1", {})] if calibration.wand_p99_bounds is not None else []) + inf
+
+
 register(Mode("wand", "stage by stage until the margin beats the calibrated bound (greedy)", _wand_run,
               _wand_report, _wand_examples,
               (Field("safety", "float", "bound multiplier (higher = deeper)", default=1.0),
                Field("p99_bounds", "floats", "per-stage bounds (default: the checkpoint's calibration)", finite=False)),
               check=lambda spec, model: wand_bounds(spec, model),
               greedy_only="WAND mode is greedy (its exit rule bounds the argmax); drop temperature/do_sample",
-              merge=_wand_merge))
+              merge=_wand_merge, sweep=_wand_sweep))
 
 
 # --- self-speculative decoding ---------------------------------------------------------------------------
@@ -333,4 +349,6 @@ register(Mode("speculative", "stages <= d draft, the rest verifies in one pass (
               (Field("draft_stage", "int", "last draft stage", default=0),
                Field("k_draft", "int_or_auto", f"draft length, or auto (up to {AUTO_MAX_DRAFT})", default=3)),
               check=lambda spec, model: check_speculative_args(model.config.n_stages, spec.draft_stage, spec.k_draft),
-              merge=_speculative_merge))
+              merge=_speculative_merge,
+              sweep=lambda cfg, cal: [(f"speculative d{d} k{k}", {"draft_stage": d, "k_draft": k})
+                                      for d in range(cfg.n_stages - 1) for k in (3, "auto")]))
