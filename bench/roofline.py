@@ -10,7 +10,7 @@ A batch-1 decode step reads every weight it multiplies by once, so tokens/s is b
     the layer ratio (24/12, 24/17, 24/21) and the weight-byte ratio it should approach.
 Prints a table, then one JSON line.
 
-    python bench/roofline.py                   # bf16 weights (the fastest dtype for GEMV on this CPU)
+    python bench/roofline.py                   # dtype auto: bf16 where the CPU has it natively, else fp32
     python bench/roofline.py --dtype fp32 --tokens 8 --step eager
 """
 
@@ -57,14 +57,16 @@ def decode_seconds(model, spec: ModeSpec, prompt: list[int], n: int) -> float:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
     ap.add_argument("--tokens", type=int, default=16, help="decode steps timed per mode")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--step", choices=["eager", "fast", "compiled"], default="fast",
                     help="eager: the default decode loop; fast: compile_decode's fixed-shape step (one-row GEMV "
                          "kernels) run uncompiled; compiled: that step under torch.compile")
     a = ap.parse_args()
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
+    from poegpt.hardware import resolve_dtype
+    dtype = resolve_dtype(a.dtype)
+    a.dtype = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     machine = load()
     bw = bandwidth()
     model = build(dtype)
