@@ -133,7 +133,9 @@ def cmd_eval(a) -> None:
     from .checkpoint import load_model
     from .data import TokenLoader
     from .evaluate import load_prompt_targets, prompt_target_ranks, stream_metrics, write_report
-    model, tok = load_model(a.model)
+    from .hardware import resolve_dtype, set_threads
+    set_threads(a.threads)
+    model, tok = load_model(a.model, dtype=resolve_dtype(a.dtype))
     if tok is None:
         raise PoEError("the checkpoint has no tokenizer; evaluation needs one")
     T = model.config.sequence_len
@@ -242,8 +244,10 @@ def cmd_calibrate(a) -> None:
     from .fileio import write_json_atomic
     from .speculative import measure_draft_thresholds
     from .wand import measure_bounds
+    from .hardware import resolve_dtype, set_threads
+    set_threads(a.threads)
     ckpt = resolve_checkpoint(a.model)
-    model, _ = load_model(ckpt)
+    model, _ = load_model(ckpt, dtype=resolve_dtype(a.dtype))
     T = model.config.sequence_len
     n_batches = max(1, a.tokens // (a.batch_size * T))
     loader = TokenLoader(a.data, "val", a.batch_size, T, case_aug_p=0.0)
@@ -394,6 +398,7 @@ def add_eval_parser(sub) -> None:
     s.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="rows per forward pass (default %(default)s)")
     s.add_argument("--alpha", type=float, default=1.0, help="entropy-weighting alpha for the entropy-weighted BPB")
     s.add_argument("--out", default="eval", help="directory for report.json, metrics.csv and plots (default %(default)s)")
+    add_compute_flags(s)
     s.set_defaults(fn=cmd_eval)
 
 
@@ -418,6 +423,13 @@ def add_generate_parser(sub) -> None:
     s.set_defaults(fn=cmd_generate)
 
 
+def add_compute_flags(p) -> None:
+    """--dtype and --threads of the commands that run a loaded model (eval, calibrate)."""
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp64"], default="auto",
+                   help="compute dtype (default auto: bf16 where the hardware has it natively, else fp32)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: the usable cores)")
+
+
 def add_mode_flags(p) -> None:
     """--mode and one flag per field of the mode table (`modes.MODES`), each saying which modes take it."""
     from .modes import MODES, field_owners
@@ -439,6 +451,7 @@ def add_calibrate_parser(sub) -> None:
     s.add_argument("--tokens", type=int, default=65_536, help="tokens to measure on (default %(default)s)")
     s.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="rows per forward pass (default %(default)s)")
     s.add_argument("--quantile", type=float, default=0.99, help="quantile of the WAND bounds (default %(default)s)")
+    add_compute_flags(s)
     s.set_defaults(fn=cmd_calibrate)
 
 

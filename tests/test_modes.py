@@ -65,7 +65,7 @@ def test_a_new_mode_appears_in_the_server(tail_mode):
     with serving(create_app(model, tok, "m", max_batch=2, timeout=60)) as url, httpx.Client(base_url=url) as http:
         card = http.get("/v1/models/m").json()["poe"]
         assert "tail" in card["modes"] and "tail" in card["batched_modes"]
-        r = http.post("/v1/completions", json={"model": "m", "prompt": "the mode", "max_tokens": 5,
+        r = http.post("/v1/completions", json={"model": "m", "prompt": "the mode", "max_tokens": 5, "temperature": 0,
                                                "poe_mode": "tail", "depth": 2})
         assert r.status_code == 200, r.text
         body = r.json()
