@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
     from .nanochat import add_parsers
     add_parsers(sub)
-    from .server import add_serve_parser
+    from .serving import add_serve_parser
     add_serve_parser(sub)
     add_prepare_parser(sub)
     add_train_parser(sub)

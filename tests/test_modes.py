@@ -12,7 +12,7 @@ from poegpt.cli import build_parser, main
 from poegpt.engine import StageMix
 from poegpt.errors import PoEError
 from poegpt.modes import MODES, Field, Mode, ModeSpec, merge_reports, register, run_mode, static_report, static_steps
-from poegpt.server import create_app
+from poegpt.serving import create_app
 from poegpt.tokenizer import Tokenizer
 
 from conftest import build_random_model

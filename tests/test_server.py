@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from poegpt import PoEConfig, PoEGPT
 from poegpt.errors import PoEError
 from poegpt.logop import logop
-from poegpt.server import LoadingApp, create_app
+from poegpt.serving import LoadingApp, create_app
 from poegpt.tokenizer import Tokenizer
 
 from conftest import build_random_model
