@@ -106,7 +106,7 @@ def load_hf(checkpoint, dtype):
     from transformers import AutoModelForCausalLM
 
     from poegpt.checkpoint import resolve_checkpoint
-    from poegpt.hf import export_hf
+    from poegpt.integrations.hf.export import export_hf
     folder = Path(tempfile.mkdtemp(prefix="poegpt-hf-")) / "model"
     export_hf(resolve_checkpoint(checkpoint), folder)
     hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype).eval()

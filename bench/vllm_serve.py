@@ -106,7 +106,7 @@ def main():
     a = ap.parse_args()
 
     from poegpt.checkpoint import resolve_checkpoint
-    from poegpt.hf import export_hf
+    from poegpt.integrations.hf.export import export_hf
     ckpt = resolve_checkpoint(a.model)
     work = Path(tempfile.mkdtemp(prefix="poegpt-vllm-bench-"))
     folder = export_hf(ckpt, work / "model")

@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tokenizer_parser(sub)
     from .corpus import add_corpus_parser
     add_corpus_parser(sub)
-    from .hf import add_export_parser
+    from .integrations.hf.export import add_export_parser
     add_export_parser(sub)
     from .nanochat import add_parsers
     add_parsers(sub)

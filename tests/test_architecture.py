@@ -97,7 +97,7 @@ def test_only_the_cache_writes_lengths():
 
 def test_hf_export_ships_inference_modules_only():
     pytest.importorskip("transformers")
-    from poegpt.hf import remote_sources
+    from poegpt.integrations.hf.export import remote_sources
     shipped = {n[len("poegpt_"):-3] for n in remote_sources() if n.startswith("poegpt_")}
     assert {"model", "cache", "engine", "modes", "api"} <= shipped
     assert not shipped & {"objectives", "optim", "train", "data", "distributed", "checkpoint", "tokenizer", "cli"}, shipped

@@ -74,24 +74,6 @@ def test_static_modes_cached_equal_nocache_and_batch_equals_alone(model, mix):
         assert gen.tokens[r] == nocache_greedy(model, row, mix, 12)
 
 
-def test_cached_decoding_logits_equal_nocache_forward(model):
-    """Per-step log-probs of cached decoding (ragged batch) equal a no-cache forward over the sequence."""
-    rows = prompts(3, seed=1)
-    out = model.generate(rows, max_new_tokens=10)
-    cache = KVCache(model.config, 3, 20, dtype=torch.float32)
-    T = max(len(r) for r in rows)
-    model.trunk(torch.tensor([r + [0] * (T - len(r)) for r in rows]), cache=cache)
-    cache.reset([len(r) for r in rows])
-    for step in range(9):
-        tok = torch.tensor([[out[r, len(rows[r]) + step].item()] for r in range(3)])
-        hs = model.trunk(tok, cache=cache)
-        cached = logop([F.log_softmax(model.stage_logits(h[:, -1], k), -1) for k, h in enumerate(hs)])
-        for r in range(3):
-            n = len(rows[r]) + step + 1
-            full = model(out[r:r + 1, :n])[0, -1]
-            torch.testing.assert_close(cached[r], full, rtol=1e-5, atol=1e-5)
-
-
 def test_prefix_all_stages_equals_full_and_composition_is_logop_of_forward_stage(model):
     ids = torch.tensor(prompts(2, lengths=(6,)))
     torch.testing.assert_close(model.generate_prefix(ids, max_stages=K, max_new_tokens=8),

@@ -23,7 +23,7 @@ pytest.importorskip("transformers")
 
 from poegpt import PoEError
 from poegpt.checkpoint import load_model, save_checkpoint
-from poegpt.hf import export_hf, import_hf, remote_sources
+from poegpt.integrations.hf.export import export_hf, import_hf, remote_sources
 from poegpt.tokenizer import Tokenizer
 
 from conftest import build_random_model
@@ -229,7 +229,7 @@ def test_exported_modules_are_the_package_sources(exported):
     assert {f.name for f in files} == set(remote_sources())
     for f in files:
         src = (REPO / "poegpt" / f.name[len("poegpt_"):] if f.name.startswith("poegpt_")
-               else REPO / "poegpt" / "hf_remote" / f.name)
+               else REPO / "poegpt" / "integrations" / "hf" / "remote" / f.name)
         text = f.read_text()
         assert strip_imports(text) == strip_imports(src.read_text()), f.name
         assert not re.search(r"^\s*(from|import)\s+poegpt\b", text, re.M), f.name
@@ -336,7 +336,7 @@ def test_lm_eval_hf_model_scores_like_native(exported, remote):
 # --- in-process: the package's wrapper, import-hf, bad input -----------------------------------------
 @pytest.fixture(scope="module")
 def wrapper(exported):
-    from poegpt.hf_remote.modeling_poegpt import PoEGPTForCausalLM
+    from poegpt.integrations.hf.remote.modeling_poegpt import PoEGPTForCausalLM
     return PoEGPTForCausalLM.from_pretrained(exported["folder"]).eval()
 
 

@@ -1,7 +1,8 @@
 """Config, presets and the PoEGPT model (SPEC §1, trunk.md), on tiny random configs.
 
 Parity tests compare the model against a from-scratch reference written here from trunk.md (fp64),
-the KV-cache path against the no-cache path, and generation against re-running the full forward.
+and generation against re-running the full forward; the KV-cache path against the no-cache path is
+tests/test_cache.py's.
 """
 
 import json
@@ -419,34 +420,11 @@ def test_forward_matches_logop_of_stage_logprobs(random_model, token_batch):
     torch.testing.assert_close(out, F.log_softmax(torch.stack(lps).mean(0), -1), rtol=1e-5, atol=1e-5)
 
 
-# --- KV cache -----------------------------------------------------------------------------------
+# --- context -----------------------------------------------------------------------------------
+# (the KV cache and its contract: tests/test_cache.py)
 
-def test_kv_cache_matches_no_cache(random_model, token_batch):
-    model = random_model(seed=8, dtype=torch.float64)
-    idx = token_batch(2, 60, seed=8)                  # well past the short window of 16
-    with torch.no_grad():
-        want = model.trunk(idx)
-        cache = KVCache(model.config, 2, 60, dtype=torch.float64)
-        pieces, pos = [], 0
-        for n in [20, 13, 7] + [1] * 20:              # prefill, two chunks, then token by token
-            pieces.append(model.trunk(idx[:, pos:pos + n], cache=cache))
-            pos += n
-            assert cache.pos == pos
-    assert pos == 60
-    for k in range(4):
-        got = torch.cat([p[k] for p in pieces], dim=1)
-        torch.testing.assert_close(got, want[k], rtol=1e-10, atol=1e-10)
-
-
-def test_kv_cache_limits(random_model, token_batch):
+def test_a_sequence_past_the_context_raises(random_model, token_batch):
     model = random_model(seed=8)
-    with pytest.raises(PoEError):
-        KVCache(model.config, 1, 65)
-    cache = KVCache(model.config, 1, 10)
-    with torch.no_grad():
-        model.trunk(token_batch(1, 8), cache=cache)
-        with pytest.raises(PoEError):
-            model.trunk(token_batch(1, 3), cache=cache)
     with pytest.raises(PoEError, match="context"):
         model.trunk(token_batch(1, 65))
 
@@ -719,21 +697,3 @@ def test_ragged_batch_rows_generate_as_if_alone(random_model, token_batch):
     alone_b = model.generate(torch.tensor([b]), max_new_tokens=12)[0]
     assert both[0, :17].tolist() == alone_a.tolist()
     assert both[1].tolist() == alone_b.tolist()
-
-
-def test_cache_row_view_shares_storage():
-    """A row view of a KVCache writes through to the parent's rows and keeps its own lengths."""
-    from poegpt.config import PoEConfig
-    from poegpt import PoEGPT
-    from poegpt.cache import KVCache
-    torch.manual_seed(0)
-    model = PoEGPT(PoEConfig.from_preset("tiny")).eval()
-    cache = KVCache(model.config, 3, 16)
-    view = cache.rows(1, 2, [0])
-    idx = torch.randint(0, model.config.vocab_size, (1, 5))
-    with torch.no_grad():
-        hs = model.trunk(idx, cache=view)
-        alone = model.trunk(idx)
-    assert view.lengths == (5,) and cache.lengths == (0, 0, 0)
-    assert torch.equal(cache.k[0][1, :, :5], view.k[0][0, :, :5]) and cache.k[0][0].abs().sum() == 0
-    torch.testing.assert_close(hs[-1], alone[-1], rtol=1e-5, atol=1e-5)

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from poegpt.checkpoint import load_model, resolve_checkpoint
-from poegpt.hf import export_hf
+from poegpt.integrations.hf.export import export_hf
 from poegpt.logop import logop
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]

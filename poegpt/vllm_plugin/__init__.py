@@ -24,7 +24,7 @@ def register() -> None:
     from transformers import AutoConfig
     from vllm import ModelRegistry
 
-    from ..hf_remote.configuration_poegpt import PoEGPTConfig
+    from ..integrations.hf.remote.configuration_poegpt import PoEGPTConfig
 
     AutoConfig.register(PoEGPTConfig.model_type, PoEGPTConfig, exist_ok=True)
     ModelRegistry.register_model(ARCHITECTURE, "poegpt.vllm_plugin.model:PoEGPTForCausalLM")

@@ -1,13 +1,14 @@
-"""`PoEGPTForCausalLM`: poegpt's `PoEGPT` as a transformers causal LM (SPEC §9).
+"""`PoEGPTForCausalLM`: poegpt's `PoEGPT` as a transformers causal LM (docs/design.md §10.3).
 
 The wrapper owns one `PoEGPT` (`self.model`) and adds nothing to its computation:
 
 - `forward` runs the trunk and returns the full-PoE **normalised log-probs** as `logits` (B, T, V),
   computed by the engine's own `StageMix.full` (the distribution poegpt's `generate` picks from), so
   transformers' greedy search and samplers (temperature, top-k, top-p) act on the PoE distribution.
-- The KV cache is transformers' (`DynamicCache`). `CacheView` gives it the interface of poegpt's
-  cache contract that the trunk calls (`positions`, `store`, `store_embeds`, `advance`), so the attention, the
-  SSSL windows, the smear gate and the value embeddings are the trunk's own code. Besides one
+- The KV cache is transformers' (`DynamicCache`). `CacheView` is a form of poegpt's cache
+  contract over it (`positions`, `store`, `store_embeds`, `lengths`, `advance`: what the trunk walk
+  calls; tests/test_cache.py runs it with the other forms), so the attention, the SSSL windows, the
+  smear gate and the value embeddings are the trunk's own code. Besides one
   cache layer per transformer layer, one extra layer holds every position's normed token embedding,
   which the smear gate of the next position reads; keeping it inside the cache means reordering,
   cropping and batch selection by transformers apply to it too.
@@ -32,12 +33,12 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..api import PoEGPT
-from ..cache import predecessors
-from ..config import Calibration
-from ..engine import StageMix
-from ..errors import PoEError
-from ..model import rotary_tables
+from ....api import PoEGPT
+from ....cache import predecessors
+from ....config import Calibration
+from ....engine import StageMix
+from ....errors import PoEError
+from ....model import rotary_tables
 from .configuration_poegpt import PoEGPTConfig
 
 # transformers 5.24 names the output's cache field `cache`; 5.19 `past_key_values`
@@ -55,15 +56,22 @@ def check_cache(cache) -> None:
 
 
 class CacheView:
-    """poegpt's cache contract (`cache.py`) over a transformers `Cache`, for one forward call.
+    """poegpt's cache contract (`cache.py`) over a transformers `Cache`.
 
-    `order` (B, S) lists, per row, the cache slots of real tokens first (in order) and padding
-    slots after them; None when there is no padding, and the slots are the positions already."""
+    The transformers cache appends every row's new slots in arrival order, so the rows hold equal
+    numbers of slots. `lengths` are the tokens each row holds (padding not counted; every slot when
+    there is none), read-only and moved by `advance`; new tokens go at positions `lengths[b] + 0..T-1`.
+    A padded forward (the wrapper's, one view per call) passes its own `positions` for the new tokens
+    and `order` (B, S): per row, the cache slots of real tokens first (in order) and padding slots
+    after them. Without padding the slots are the positions and one view serves any number of calls."""
 
-    def __init__(self, cache: Cache, n_layer: int, positions, order: torch.Tensor | None, batch_size: int):
+    full_view = False
+
+    def __init__(self, cache: Cache, n_layer: int, batch_size: int, lengths: list[int] | None = None,
+                 positions=None, order: torch.Tensor | None = None):
         self.cache, self.n_layer, self.order = cache, n_layer, order
         self._positions = positions
-        self._lengths = [0] * batch_size     # the trunk advances these; the transformers cache keeps its own
+        self._lengths = [cache.get_seq_length()] * batch_size if lengths is None else [int(n) for n in lengths]
         if getattr(cache, "layer_class_to_replicate", None) is None:
             while len(cache.layers) <= n_layer:   # a cache built from the config has no slot for the embeddings yet
                 cache.layers.append(DynamicLayer())
@@ -73,11 +81,18 @@ class CacheView:
         return tuple(self._lengths)
 
     def advance(self, n) -> None:
+        """Every row now holds n (an int) or n[b] more tokens."""
         ns = [n] * len(self._lengths) if isinstance(n, int) else list(n)
         self._lengths = [a + b for a, b in zip(self._lengths, ns)]
+        self._positions = None      # a padded forward's positions were for its own tokens only
 
     def positions(self, T: int, device):
-        return self._positions
+        """Positions of T new tokens per row: the padded forward's own, else an int (rows aligned)."""
+        if self._positions is not None:
+            return self._positions
+        if any(n != self._lengths[0] for n in self._lengths):
+            raise PoEError("rows of a transformers cache view hold different lengths; pass the attention mask")
+        return self._lengths[0]
 
     def _by_position(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         if self.order is None:
@@ -154,16 +169,17 @@ class PoEGPTForCausalLM(PoEGPTPreTrainedModel, GenerationMixin):
     # --- positions and padding ---------------------------------------------------------------------
     @staticmethod
     def _layout(attention_mask, past: int, T: int, device):
-        """(positions of the T new tokens, slot order) from the cache length and the attention mask."""
+        """(tokens each row holds, positions of the T new tokens, slot order) from the cache length and
+        the attention mask; all None without padding (the view counts the cache's slots)."""
         if attention_mask is None or bool(attention_mask.all()):
-            return past, None
+            return None, None, None
         if attention_mask.dim() != 2 or attention_mask.size(1) != past + T:
             raise PoEError(f"attention_mask must be (batch, cached + new tokens) = (B, {past + T}), got "
                            f"{tuple(attention_mask.shape)}; pass the 2-D mask of every token seen so far")
         real = attention_mask.to(device).bool()
         positions = (real.long().cumsum(1) - 1)[:, past:].clamp(min=0)       # padding sits at its row's start
         order = torch.sort((~real).to(torch.int8), dim=1, stable=True).indices
-        return positions, order
+        return real[:, :past].sum(1).tolist(), positions, order
 
     # --- forward -----------------------------------------------------------------------------------
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -188,9 +204,9 @@ class PoEGPTForCausalLM(PoEGPTPreTrainedModel, GenerationMixin):
             cache = DynamicCache()
         B, T = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
-        positions, order = self._layout(attention_mask, past, T, input_ids.device)
+        held, positions, order = self._layout(attention_mask, past, T, input_ids.device)
         work = cache if cache is not None or order is None else DynamicCache()   # padding needs a cache to reorder
-        view = None if work is None else CacheView(work, self.model.config.n_layer, positions, order, B)
+        view = None if work is None else CacheView(work, self.model.config.n_layer, B, held, positions, order)
         hs = self.model.trunk(input_ids, cache=view)
         if isinstance(logits_to_keep, int):
             if logits_to_keep:
@@ -207,7 +223,7 @@ class PoEGPTForCausalLM(PoEGPTPreTrainedModel, GenerationMixin):
                               ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logprobs, **{CACHE_FIELD: cache if use_cache else None})
 
-    # --- the six inference modes (SPEC §8): poegpt's own methods on the wrapped model ----------------
+    # --- the six inference modes (docs/design.md §7): poegpt's own methods on the wrapped model -------
     # Full PoE is `generate` (transformers' loop over `forward`); `self.model.generate` is poegpt's.
     forward_stage = _delegate("forward_stage")
     generate_prefix = _delegate("generate_prefix")

@@ -1,4 +1,4 @@
-"""`PoEGPTConfig`: a `PoEConfig` in the form transformers expects (SPEC §9).
+"""`PoEGPTConfig`: a `PoEConfig` in the form transformers expects (docs/design.md §10.3).
 
 Every `PoEConfig` field is stored, the architecture ones under transformers' standard names
 (`num_hidden_layers`, `hidden_size`, ...) so that generic tooling (generation, caches, lm-eval's
@@ -13,7 +13,7 @@ old keys, while the model applies its SSSL windows itself and needs every key in
 
 from transformers import PretrainedConfig
 
-from ..config import PoEConfig
+from ....config import PoEConfig
 
 # poegpt field -> transformers' name for it
 HF_NAMES = {
