@@ -339,22 +339,6 @@ def decode_static(model, rows: list[list[int]], mix: StageMix, max_new_tokens: i
                 logp = mix.logprobs(model, [h[:, -1] for h in model.trunk(nxt[:, None], mix.depth, cache)], heads)
 
 
-def finish_rows(tokens: list[list[int]], eos_token_id: int | None) -> list[list[int]]:
-    """Cut every row after its first EOS (kept, as HF does)."""
-    if eos_token_id is None:
-        return tokens
-    return [r[: r.index(eos_token_id) + 1] if eos_token_id in r else r for r in tokens]
-
-
-@torch.no_grad()
-def run_static(model, ids, mix: StageMix, max_new_tokens: int, sampling: Sampling,
-               eos_token_id: int | None = None) -> Generation:
-    rows = to_rows(ids)
-    steps = list(decode_static(model, rows, mix, max_new_tokens, sampling, eos_token_id))
-    tokens = torch.stack(steps, 1).tolist() if steps else [[] for _ in rows]
-    return Generation(finish_rows(tokens, eos_token_id))
-
-
 def as_output(ids, gen: Generation, pad_token_id: int | None = None) -> torch.Tensor:
     """HF-style (B, T + new) output: prompt then new tokens, right-padded with pad (or EOS) when rows differ."""
     rows = to_rows(ids)

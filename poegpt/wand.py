@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import new_cache
-from .engine import Generation, check_prompts, one_row_matmuls, to_rows
+from .engine import Generation, check_prompts, one_row_matmuls
 from .errors import PoEError
 from .model import TrunkState
 
@@ -135,15 +135,6 @@ def wand_steps(model, rows: list[list[int]], max_new_tokens: int, safety: float,
     gen.extra = {  # layers run per decode position, lazy fills included; and the depth each token exited at
         "layers_per_token": evals / max(positions, 1),
         "exit_layers_per_token": sum(b[s] + 1 for st in gen.stages_used for s in st) / max(n, 1)}
-
-
-@torch.no_grad()
-def generate_wand(model, ids, max_new_tokens: int = 32, safety: float = 1.0, p99_bounds=None,
-                  eos_token_id: int | None = None) -> Generation:
-    gen = Generation([])
-    for _ in wand_steps(model, to_rows(ids), max_new_tokens, safety, p99_bounds, eos_token_id, gen):
-        pass
-    return gen
 
 
 @torch.no_grad()
