@@ -16,14 +16,11 @@ import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 
 from .errors import PoEError
 
 
 def cmd_env(a) -> None:
-    import json
-
     from .hardware import describe
     for key, value in describe().items():
         print(f"{key:16s} {json.dumps(value, ensure_ascii=False)}")
@@ -164,8 +161,6 @@ def cmd_eval(a) -> None:
 
 
 def cmd_generate(a) -> None:
-    import torch
-
     from .checkpoint import load_model
     from .engine import Sampling, compile_decode
     from .modes import MODES, ModeSpec

@@ -13,7 +13,6 @@ number of sequences that fits in `headroom` of the GPU after the sharded states.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
