@@ -201,7 +201,7 @@ def cmd_generate(a) -> None:
 def _run_mode(model, tok, prompt, spec, a, sampling, echo=False):
     """(text, Generation, seconds) for one prompt in one mode, printing text as it comes when echo."""
     import time
-    from .engine import stream_text
+    from .textstream import stream_text
     from .modes import mode_steps
     t0 = time.perf_counter()
     steps, gen = mode_steps(model, [tok.encode(prompt)], spec, a.max_new_tokens, sampling, eos_token_id=tok.bos_id)

@@ -8,7 +8,7 @@ self-speculative decoding (`speculative.py`) use the same cache, sampling and ro
 Batches of prompts of different lengths are right-padded for the prefill, after which every row
 decodes at its own position (the cache keeps per-row lengths), so each row computes exactly what it
 would alone. Sampling: greedy, or temperature / top-k / top-p with a seeded generator. Rows that
-emit EOS stop; text-level stop strings and streaming live in `stream_text`.
+emit EOS stop; text-level stop strings and streaming live in `textstream.py`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -347,40 +347,3 @@ def as_output(ids, gen: Generation, pad_token_id: int | None = None) -> torch.Te
     pad = 0 if pad_token_id is None else pad_token_id
     device = ids.device if isinstance(ids, torch.Tensor) else None
     return torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
-
-
-def stream_text(tokenizer, token_steps, n_rows: int, stop: Sequence[str] = (), eos_token_id: int | None = None) \
-        -> Iterator[tuple[int, str, str | None]]:
-    """Turn per-step new tokens (a list per row) into per-row text: yields (row, text, finish_reason).
-
-    Text never splits a UTF-8 character (bytes are held back until complete). A row ends at EOS or
-    its first stop string (excluded from the text): reason "stop"; or when the steps run out:
-    reason "length". A final (row, remaining text, reason) is yielded once per row."""
-    decoders = [tokenizer.stream_decoder() for _ in range(n_rows)]
-    texts = [""] * n_rows
-    emitted = [0] * n_rows
-    finished = [False] * n_rows
-    hold = max((len(s) for s in stop), default=1) - 1   # the tail that may be the start of a stop string
-    for step in token_steps:
-        for r, new in enumerate(step):
-            for t in new:
-                if finished[r]:
-                    break
-                if t == eos_token_id:
-                    finished[r] = True
-                    yield r, texts[r][emitted[r]:], "stop"
-                    break
-                texts[r] += decoders[r].push(int(t))
-                cut = min((i for i in (texts[r].find(s) for s in stop) if i >= 0), default=-1)
-                if cut >= 0:
-                    finished[r] = True
-                    yield r, texts[r][emitted[r]:cut], "stop"
-            if not finished[r] and len(texts[r]) - hold > emitted[r]:
-                safe = len(texts[r]) - hold
-                yield r, texts[r][emitted[r]:safe], None
-                emitted[r] = safe
-        if all(finished):
-            return
-    for r in range(n_rows):
-        if not finished[r]:
-            yield r, texts[r][emitted[r]:], "length"

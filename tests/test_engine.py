@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from poegpt import PoEConfig, PoEError
-from poegpt.engine import Sampling, StageMix, stream_text
+from poegpt.engine import Sampling, StageMix
+from poegpt.textstream import stream_text
 from poegpt.logop import logop
 from poegpt.cache import KVCache
 from poegpt.modes import ModeSpec, mode_steps, run_mode

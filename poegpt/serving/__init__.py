@@ -8,7 +8,6 @@ One concern per module:
     app.py          the FastAPI app: routes, error handlers (`create_app`)
     scheduler.py    the engine thread: queue, admission, batched and solo steps (`Scheduler`)
     sequence.py     what passes between them: SeqParams, Sequence, Event
-    textstream.py   UTF-8-safe incremental detokenising and stop strings (`TextStream`)
     logprobs.py     log-prob entries, prompt log-probs, full-PoE scoring of solo modes
     metrics.py      the Prometheus registry (`Metrics`) and every metric the server records
     launch.py       `poegpt serve`: arguments, loading while the port answers, SIGTERM drain
@@ -20,7 +19,7 @@ from .metrics import Metrics
 from .protocol import ApiError, CompletionJob, parse_completion, parse_mode
 from .scheduler import QueueFull, Scheduler, SchedulerClosed
 from .sequence import FAILED, Event, SeqParams, Sequence
-from .textstream import TextStream
+from ..textstream import TextStream
 
 __all__ = ["create_app", "LoadingApp", "add_serve_parser", "cmd_serve", "Metrics", "ApiError", "CompletionJob",
            "parse_completion", "parse_mode", "QueueFull", "Scheduler", "SchedulerClosed", "FAILED", "Event",

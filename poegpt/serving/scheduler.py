@@ -51,7 +51,7 @@ from ..modes import mode_steps
 from .logprobs import Logprobs, Scorer
 from .metrics import Metrics, record_report, register_engine_metrics
 from .sequence import Event, Sequence
-from .textstream import TextStream
+from ..textstream import TextStream
 
 log = logging.getLogger("poegpt.serve")
 

@@ -15,7 +15,7 @@ import torch
 from ..engine import Sampling, StageMix
 from ..modes import ModeSpec
 from .logprobs import Scorer, TokenLogprob
-from .textstream import TextStream
+from ..textstream import TextStream
 
 FAILED = ("timeout", "error", "shutdown")    # finish reasons that end a request with an error
 

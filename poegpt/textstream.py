@@ -1,4 +1,4 @@
-"""Incremental detokenising of one generated sequence for `poegpt serve`.
+"""Incremental detokenising of generated sequences, for `poegpt serve` and `poegpt generate --stream`.
 
 A streamed completion must never show half a character, and a stop string must end its sequence
 as soon as it appears (so that its batch row is freed at once), with the stop string and all after
@@ -43,3 +43,27 @@ class TextStream:
         # CLI's generate does); invalid bytes inside the text were already replaced by the decoder
         delta, self.sent = self.text[self.sent:], len(self.text)
         return delta
+
+
+def stream_text(tokenizer, token_steps, n_rows: int, stop=(), eos_token_id: int | None = None):
+    """Per-step new tokens (a list per row) as per-row text: yields (row, text, finish_reason), one
+    `TextStream` per row. A row ends at EOS or a stop string (reason "stop") or when the steps run
+    out (reason "length", with what was held back)."""
+    streams = [TextStream(tokenizer, stop, eos_token_id) for _ in range(n_rows)]
+    finished = [False] * n_rows
+    for step in token_steps:
+        for r, new in enumerate(step):
+            for t in new:
+                if finished[r]:
+                    break
+                delta, reason = streams[r].push(int(t))
+                if reason is not None:
+                    finished[r] = True
+                    yield r, delta, reason
+                elif delta:
+                    yield r, delta, None
+        if all(finished):
+            return
+    for r in range(n_rows):
+        if not finished[r]:
+            yield r, streams[r].finish(), "length"
