@@ -34,6 +34,9 @@ import time
 
 import httpx
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import describe, measure  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["The capital of France is", "대한민국의 수도는", "def fibonacci(n):", "In the beginning",
            "La capital de España es", "東京は日本の", "Once upon a time,", "import numpy as np\n"]
@@ -144,7 +147,7 @@ def run_cell(url: str, name: str, concurrency: int, n_requests: int, seconds: fl
     return {**result, "mean_batch_rows": rows / steps if steps else float("nan")}
 
 
-def launch(model: str | None, max_batch: int, threads: int | None) -> tuple[subprocess.Popen, str]:
+def launch(model: str | None, max_batch: int, threads: int | None, dtype: str = "auto") -> tuple[subprocess.Popen, str]:
     """`poegpt serve` on a free loopback port; returns once /health answers 200."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -153,6 +156,7 @@ def launch(model: str | None, max_batch: int, threads: int | None) -> tuple[subp
            "--max-queue", "256", "--log-level", "warning"]
     cmd += ["--model", model] if model else []
     cmd += ["--threads", str(threads)] if threads else []
+    cmd += ["--dtype", dtype]
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -195,6 +199,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", help="bench this running `poegpt serve` instead of launching two")
     ap.add_argument("--model", help="checkpoint for the launched servers (default: the shipped demo model)")
+    ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="the launched servers' --dtype (default auto: bf16 where the CPU has it natively, else fp32)")
     ap.add_argument("--max-batch", type=int, nargs="+", default=[16, 1],
                     help="launch one server per value; the first is 'on', the last 'off' (default 16 1)")
     ap.add_argument("--threads", type=int, default=None, help="the launched servers' --threads")
@@ -214,7 +220,7 @@ def main():
             servers.append(("given", a.url))
         else:
             for mb in a.max_batch:
-                proc, url = launch(a.model, mb, a.threads)
+                proc, url = launch(a.model, mb, a.threads, a.dtype)
                 procs.append(proc)
                 servers.append((f"max-batch {mb}", url))
         with httpx.Client(base_url=servers[0][1], timeout=30) as c:
@@ -242,7 +248,10 @@ def main():
     load_after = os.getloadavg()
     print(f"model: {name} ({card['poe']['n_layer']} layers, {card['poe']['n_stages']} stages, context "
           f"{card['max_model_len']}); greedy, {a.max_tokens} new tokens per request, streaming over loopback; "
-          f"machine load average {load_before[0]:.2f} before, {load_after[0]:.2f} after ({os.cpu_count()} CPUs)")
+          f"machine load average {load_before[0]:.2f} before, {load_after[0]:.2f} after ({os.cpu_count()} CPUs); "
+          f"servers' dtype {a.dtype}")
+    machine = measure(flops=False, bw=False)
+    print(describe(machine))
     print(f"{'mode':<12}{'server':<14}{'conc':>5}{'reqs':>5}{'err':>4}{'tokens':>7}{'sec':>7}{'tok/s':>8}"
           f"{'TTFT p50':>9}{'p99':>6}{'ITL p50':>8}{'p99':>6}{'lat p50':>8}{'p99':>7}{'rows/step':>10}   (times in ms)")
     for r in cells:
@@ -268,7 +277,8 @@ def main():
                       f"{q['latency_p50']:>9.2f}")
     print(json.dumps(finite({"bench": "serve", "model": name, "max_tokens": a.max_tokens, "servers": [s[0] for s in servers],
                       "threads": a.threads, "load_avg_before": load_before, "load_avg_after": load_after,
-                      "cpus": os.cpu_count(), "cells": cells, "ratios_on_off": ratios})))
+                      "cpus": os.cpu_count(), "dtype": a.dtype, "machine": machine, "cells": cells,
+                      "ratios_on_off": ratios})))
 
 
 if __name__ == "__main__":
