@@ -11,7 +11,7 @@ Each measurement runs in its own process so peaks do not mix.
 
 Loss memory: K = 4 stage states (N, d) and head weights (V, d) at V = 48,000, residual_logop,
 forward + backward of the loss alone, chunked (`poegpt.objectives.poe_loss`) vs every stage's
-logits materialised (the SPEC's formula written plainly), peak RSS above base in a fresh process.
+logits materialised (the formula of docs/design.md §5.1 written plainly), peak RSS above base in a fresh process.
 Prints tables, then one JSON line.
 
     python bench/train.py                      # tiny and d6, fp32, on this machine

@@ -1,7 +1,7 @@
 """The generation engine: prefill into a preallocated KV cache, then decode one token at a time.
 
 One loop serves the four static PoE modes — full, prefix, single stage, weighted composition —
-which differ only in which stages they combine (SPEC §8): a `StageMix` names the stages and their
+which differ only in which stages they combine (docs/design.md §7): a `StageMix` names the stages and their
 weights, and the loop runs the trunk only to the deepest selected boundary. WAND (`wand.py`) and
 self-speculative decoding (`speculative.py`) use the same cache, sampling and row bookkeeping.
 

@@ -1,4 +1,4 @@
-"""Evaluation: every metric of the card's table (SPEC §7), as JSON + CSV + PNG under `eval/`.
+"""Evaluation: every metric of the card's table (docs/design.md §11.1), as JSON + CSV + PNG under `eval/`.
 
 On a validation token stream of BOS-prefixed documents:
     BPB = Σ −log₂ p(target) / Σ UTF-8 bytes of the targets (special-token targets excluded)

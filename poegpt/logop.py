@@ -1,4 +1,4 @@
-"""Log-OP: the weighted geometric mean of stage distributions (SPEC §2).
+"""Log-OP: the weighted geometric mean of stage distributions (docs/design.md §4).
 
 For stages S with weights w_k >= 0 (normalised to w̄_k = w_k / Σ w):
 

@@ -1,4 +1,4 @@
-"""PoEModel: nanochat's GPT trunk cut into Product-of-Experts stages — the network only (SPEC §1, trunk.md).
+"""PoEModel: nanochat's GPT trunk cut into Product-of-Experts stages — the network only (docs/design.md §3).
 
 The trunk (feature for feature nanochat's GPT): normed token embedding with a smear gate, per-layer
 resid/x0 scalars, parameter-free RMSNorm, rotary (base 100k), QK-norm (then ×1.2), GQA, sliding

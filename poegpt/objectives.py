@@ -1,4 +1,4 @@
-"""Training objectives over the stage heads, computed in chunks of positions (SPEC §3).
+"""Training objectives over the stage heads, computed in chunks of positions (docs/design.md §5).
 
     residual_logop  CE(p_0) + Σ_{k>=1} [ CE(P_{<=k}) + λ·CE(p_k) ],
                     log P_{<=k} = normalise((Σ_{j<k} sg(log p_j) + log p_k) / (k+1))

@@ -1,4 +1,4 @@
-"""Stage parallelism: rank k runs stage k (SPEC §11), for local-learning training and for inference.
+"""Stage parallelism: rank k runs stage k (docs/design.md §6.5, §7.5), for local-learning training and for inference.
 
 Training (`stage_grad="isolated"`, objectives residual_logop or independent): every rank embeds the
 batch itself (the embedding is shared and must collect every stage's gradient through x0 and the

@@ -1,7 +1,7 @@
 """WAND adaptive depth: evaluate stages one by one and stop when the rest cannot change the answer.
 
 After stage j, with S_j = Σ_{i<=j} log p_i, a = argmax S_j and margin m_j = S_j(a) − max_{b≠a} S_j(b),
-the token a is emitted if m_j >= safety · bound_j (SPEC §8.4). bound_j is the calibrated p99 of
+the token a is emitted if m_j >= safety · bound_j (docs/design.md §7.3). bound_j is the calibrated p99 of
 R_j = max_b Σ_{i>j} (log p_i(b) − log p_i(a)), the most the remaining stages can move the margin:
 if m_j > R_j the full-PoE argmax is a. Infinite bounds never exit early (= full greedy).
 

@@ -1,4 +1,4 @@
-"""Objective ablation (SPEC §3): the same small model trained with each objective, equal tokens and seed.
+"""Objective ablation (docs/design.md §5): the same small model trained with each objective, equal tokens and seed.
 
 Runs, each a resumable poegpt training run under OUT/NAME:
     residual_logop              the default objective (local_weight 0, gradients through the trunk)

@@ -1,4 +1,4 @@
-"""The Hugging Face export (SPEC §9): the folder loads where poegpt cannot be imported and computes
+"""The Hugging Face export (docs/design.md §10.3): the folder loads where poegpt cannot be imported and computes
 what poegpt computes.
 
 One export of a tiny random model (fp32) is shared by the module. One subprocess, in which

@@ -1,4 +1,4 @@
-"""Log-OP combination (SPEC §2) against direct computations from per-stage softmaxes."""
+"""Log-OP combination (docs/design.md §4) against direct computations from per-stage softmaxes."""
 
 import math
 

@@ -1,6 +1,6 @@
-"""Config, presets and the PoEGPT model (SPEC §1, trunk.md), on tiny random configs.
+"""Config, presets and the PoEGPT model (docs/design.md §3), on tiny random configs.
 
-Parity tests compare the model against a from-scratch reference written here from trunk.md (fp64),
+Parity tests compare the model against a from-scratch reference written here from docs/design.md §3.2 (fp64),
 and generation against re-running the full forward; the KV-cache path against the no-cache path is
 tests/test_cache.py's.
 """
@@ -234,7 +234,7 @@ def test_config_is_frozen(tiny_cfg):
 
 
 # ---------------------------------------------------------------------------------------------
-# a from-scratch reference trunk (trunk.md), for parity
+# a from-scratch reference trunk (docs/design.md §3.2), for parity
 # ---------------------------------------------------------------------------------------------
 
 def rms(x):
@@ -242,7 +242,7 @@ def rms(x):
 
 
 def reference_trunk(model, idx):
-    """Normed boundary states [norm(h_k)] computed directly from trunk.md's description."""
+    """Normed boundary states [norm(h_k)] computed directly from docs/design.md §3.2's description."""
     cfg = model.config
     B, T = idx.shape
     H, G, D, L = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.n_layer

@@ -1,5 +1,5 @@
-"""Training objectives (SPEC §3): the chunked loss of `model_loss(model, x, y)` against fully materialised
-references written from the SPEC's formulas, chunking invariance of losses and gradients, the
+"""Training objectives (docs/design.md §5): the chunked loss of `model_loss(model, x, y)` against fully materialised
+references written from the formulas of docs/design.md §5.1, chunking invariance of losses and gradients, the
 ignore index, and what `stage_grad="isolated"` and the residual stop-gradient do to gradients."""
 
 import pytest
@@ -239,7 +239,7 @@ def test_residual_logop_stop_gradient(random_model, rebuild_model, batch):
 
 
 def test_residual_logop_by_hand_two_stages(random_model, rebuild_model, token_batch):
-    """The SPEC's formula on a 2-stage model, written with explicit probabilities."""
+    """The formula of docs/design.md §5.1 on a 2-stage model, written with explicit probabilities."""
     from poegpt import PoEConfig
     cfg = PoEConfig.from_preset("tiny", stage_layout=(5, 3), objective="residual_logop", local_weight=0.25)
     model = random_model(cfg, seed=9)

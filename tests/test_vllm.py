@@ -1,4 +1,4 @@
-"""poegpt's vLLM plugin (SPEC §10, docs/vllm.md) against native poegpt, on vLLM's CPU build.
+"""poegpt's vLLM plugin (docs/design.md §10.4, docs/vllm.md) against native poegpt, on vLLM's CPU build.
 
 vLLM lives in its own virtual environment (`make vllm-venv` builds .venv-vllm; it pins transformers
 < 5.20, this one has 5.24), so these tests run vLLM in subprocesses with that environment's python

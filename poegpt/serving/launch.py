@@ -1,4 +1,4 @@
-"""`poegpt serve`: the launcher of the OpenAI-compatible server (SPEC §10).
+"""`poegpt serve`: the launcher of the OpenAI-compatible server (docs/design.md §10.2).
 
     poegpt serve --model RUN --port 8000 --served-name poegpt-demo
     curl -X POST http://localhost:8000/v1/completions -H "Content-Type: application/json" \\

@@ -1,4 +1,4 @@
-"""Continuous batching for `poegpt serve`: one engine thread runs every request (SPEC §10).
+"""Continuous batching for `poegpt serve`: one engine thread runs every request (docs/design.md §10.2).
 
 A request becomes sequences (one per prompt and choice) that wait in a bounded FIFO queue. One
 engine thread owns the model and loops:
