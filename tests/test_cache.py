@@ -7,7 +7,9 @@ token by token, through the trunk walk (`model.walk(idx, None, 0, K, pos, cache)
 `cache.advance(n)`); at every step each row's boundary states equal a no-cache forward of that
 row's whole sequence to 1e-12, and `lengths` says what each row holds. The sequences run past the
 short attention window, and a chunk that is wider than a row's share writes padding past the row's
-end, which the next step overwrites.
+end, which the next step overwrites. vLLM's paged cache takes each step as vLLM would (`PagedRequests`):
+the rows with new tokens as requests of one flat batch, walked as one row (1, N) with per-token
+positions against a `PagedCache` over a fake paged storage (tests/paged.py) that persists across steps.
 
 Rules, on `KVCache`: lengths are read-only; `reset` / `advance` / `rollback` (a rolled-back row
 rewritten with other tokens computes as if the rejected tokens never came); `rows` writes through to
@@ -15,6 +17,7 @@ the parent's rows only; `move_row`; room checks raise `PoEError`.
 """
 
 import importlib.util
+import random
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,6 +28,7 @@ from poegpt import PoEError
 from poegpt.cache import KVCache, new_cache
 
 from conftest import build_random_model
+from paged import BLOCK, FakePagedCache
 
 K = 4                  # stages of the tiny preset
 TOL = 1e-12            # fp64: the cached and uncached paths agree to rounding
@@ -72,11 +76,18 @@ def feed(model, cache, rows: list[torch.Tensor], positions=None) -> list[list[to
 @dataclass
 class CacheForm:
     """One form of the cache contract: how to build it for (model, batch, max_len), whether its rows
-    may hold different lengths, and where a step's tokens go (default: `cache.positions`)."""
+    may hold different lengths, where a step's tokens go (default: `cache.positions`), and how a step
+    is walked: `feed(model, cache, rows)` -> each row's boundary states (default: `feed`, (B, T))."""
     name: str
     make: Callable
     ragged: bool = True
     positions: Callable | None = None
+    feed: Callable | None = None
+
+    def step(self, model, cache, rows: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        if self.feed is not None:
+            return self.feed(model, cache, rows)
+        return feed(model, cache, rows, self.positions)
 
 
 def row_view(model, batch, max_len):
@@ -104,6 +115,46 @@ def transformers_view(model, batch, max_len, from_config=False):
     return CacheView(dynamic, model.config.n_layer, batch)
 
 
+class PagedRequests:
+    """vLLM's paged cache (`PagedCache`, poegpt/integrations/vllm/trunk.py) under the scenario: the rows
+    are vLLM requests whose keys, values and embeddings live in one fake paged storage (tests/paged.py,
+    enough blocks for `max_len` tokens per row, handed out shuffled) kept across steps, as vLLM keeps
+    its cache; a `PagedCache` lives for one forward. `lengths`: what each forward's cache says its
+    requests hold after `advance` (a row with no tokens in a forward keeps its count)."""
+
+    def __init__(self, model, batch: int, max_len: int):
+        self.storage = FakePagedCache(model.config, model.config.n_layer, num_blocks=batch * -(-max_len // BLOCK),
+                                      dtype=next(model.parameters()).dtype)
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]   # each request's token ids so far
+        self._lengths = [0] * batch
+        self.order = random.Random(0)
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        return tuple(self._lengths)
+
+    def feed(self, model, rows: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """The scenario's (B, T) step as one vLLM forward: the rows with new tokens, in a shuffled order,
+        their tokens concatenated and padded to the step's B · T (vLLM pads to a graph's size), per-token
+        positions; a fresh `PagedCache` over the storage; `model.walk` over (1, N); the flat boundary
+        states back to each row [(n_r, d)]."""
+        step = [(r, len(self.tokens[r]), len(toks)) for r, toks in enumerate(rows) if len(toks)]
+        self.order.shuffle(step)
+        for r, toks in enumerate(rows):
+            self.tokens[r] += toks.tolist()
+        pad = len(rows) * max(len(t) for t in rows) - sum(n for _, _, n in step)
+        ids, _, cache = self.storage.forward(step, self.tokens, pad=pad)
+        assert cache.lengths == tuple(self._lengths[r] for r, _, _ in step)    # held before this forward
+        with torch.no_grad():
+            _, outs = model.walk(ids[None], None, 0, K, cache.positions(ids.numel(), ids.device), cache)
+        cache.advance([n for _, _, n in step])
+        states = [[h[0, :0] for h in outs] for _ in rows]
+        for (r, _, n), a, held in zip(step, cache.batch.starts, cache.lengths):
+            states[r] = [h[0, a:a + n] for h in outs]
+            self._lengths[r] = held
+        return states
+
+
 needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
                                         reason="transformers is not installed (pip install 'poegpt[hf]')")
 
@@ -117,9 +168,9 @@ HF_FORMS = [   # rows of a DynamicCache hold equal numbers of slots; padding is 
     CacheForm("transformers DynamicCache(config)", lambda m, b, n: transformers_view(m, b, n, from_config=True),
               ragged=False),
 ]
-# vLLM's paged cache (poegpt/integrations/vllm) joins here: a CacheForm whose `make` builds the view the
-# plugin's attention writes through, skipped with the reason where vLLM is not installed.
-VLLM_FORMS: list = []
+VLLM_FORMS = [  # no vLLM needed: its part is played on plain tensors (tests/paged.py)
+    CacheForm("vLLM PagedCache", PagedRequests, feed=lambda model, requests, rows: requests.feed(model, rows)),
+]
 
 FORMS = [*(pytest.param(f, id=f.name) for f in POEGPT_FORMS),
          *(pytest.param(f, id=f.name, marks=needs_transformers) for f in HF_FORMS),
@@ -149,7 +200,7 @@ def test_cache_form_conforms(model, form):
     held = [0] * len(prompts)
     for step, counts in enumerate(chunks(prompts, 8) + [[1] * len(prompts)] * n_decode):
         rows = [seqs[r][held[r]:held[r] + n] for r, n in enumerate(counts)]
-        states = feed(model, cache, rows, form.positions)
+        states = form.step(model, cache, rows)
         for r, n in enumerate(counts):
             assert_states(states[r], [h[held[r]:held[r] + n] for h in refs[r]], f"{form.name}, step {step}, row {r}")
             held[r] += n

@@ -1,9 +1,8 @@
 """poegpt's vLLM model math (`poegpt/integrations/vllm/trunk.py`) against poegpt itself, without vLLM.
 
 vLLM is not needed: the test plays vLLM's part on plain tensors. A fake paged KV cache is laid out as
-vLLM's CPU backend lays it out (per cache layer a (blocks, kv heads, block_size, 2 · head_dim)
-tensor, blocks handed out from a shuffled free list, a block table per request, a slot mapping per
-token; unwritten slots hold NaN), and a vLLM-like scheduler with a small token budget mixes prefill
+vLLM's CPU backend lays it out (tests/paged.py, which tests/test_cache.py's conformance test also
+drives), and a vLLM-like scheduler with a small token budget mixes prefill
 chunks and decode steps of requests of different lengths that arrive at different steps, in a
 shuffled order within each forward, with padding tokens after the real ones. Every token's log-probs
 from the served model must equal those of `PoEModel` run on its request alone (the trunk walk
@@ -27,11 +26,12 @@ import pytest
 import torch
 
 from poegpt.errors import PoEError
-from poegpt.integrations.vllm.trunk import (FlatBatch, PagedCache, PagedLayer, boundary_states, load_weights,
-                                            logprobs, override_keys, served_mix, served_model)
+from poegpt.integrations.vllm.trunk import (PagedCache, boundary_states, load_weights, logprobs, override_keys,
+                                            served_mix, served_model)
 from poegpt.modes import MODES, ModeSpec
 
-BLOCK = 16
+from paged import FakePagedCache
+
 BUDGET = 16        # tokens per forward (vLLM's max_num_batched_tokens): long prompts are prefilled in chunks
 REQUESTS = [       # (arrival step, prompt length, total length)
     (0, 20, 26), (0, 5, 12), (1, 33, 37), (3, 1, 9), (4, 40, 46), (6, 17, 18)]
@@ -81,48 +81,6 @@ def schedule(requests, budget: int, seed: int = 0) -> list[list[tuple[int, int, 
         steps.append(this)
         step += 1
     return steps
-
-
-class FakePagedCache:
-    """vLLM's paged KV cache as its CPU backend lays it out, for `n_kv` trunk layers and the cache
-    layers of the embeddings; blocks are handed out from a shuffled free list as requests grow."""
-
-    def __init__(self, cfg, n_kv: int, num_blocks: int = 64, seed: int = 0, dtype=torch.float32):
-        G, D = cfg.n_kv_head, cfg.head_dim
-        n_embeds = math.ceil(cfg.n_embd / (2 * G * D))
-        shape = (num_blocks, G, BLOCK, 2 * D)
-        self.tensors = {**{("kv", i): torch.full(shape, math.nan, dtype=dtype) for i in range(n_kv)},
-                        **{("embeds", j): torch.full(shape, math.nan, dtype=dtype) for j in range(n_embeds)}}
-        self.free = list(range(num_blocks))
-        random.Random(seed).shuffle(self.free)
-        self.blocks: dict[int, list[int]] = {}
-
-    def forward(self, step, tokens, pad: int = 0):
-        """(input ids, positions, PagedCache) of one forward over `step`, as vLLM builds its metadata:
-        query start locations, sequence lengths, block table rows in batch order, slot mapping."""
-        ids, pos, starts, seq_lens, slots = [], [], [0], [], []
-        for r, start, n in step:
-            blocks = self.blocks.setdefault(r, [])
-            while len(blocks) * BLOCK < start + n:
-                blocks.append(self.free.pop())
-            ids += tokens[r][start:start + n]
-            pos += list(range(start, start + n))
-            slots += [blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(start, start + n)]
-            starts.append(starts[-1] + n)
-            seq_lens.append(start + n)
-        width = max(len(self.blocks[r]) for r, _, _ in step)
-        table = torch.tensor([self.blocks[r] + [0] * (width - len(self.blocks[r])) for r, _, _ in step],
-                             dtype=torch.int32)
-        positions = torch.tensor(pos + [0] * pad)
-        batch = FlatBatch.make(torch.tensor(starts, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32),
-                               positions, len(pos))
-        slot_mapping = torch.tensor(slots + [-1] * pad)
-
-        def layer(kind: str, i: int) -> PagedLayer:
-            paged = PagedLayer.over(self.tensors[(kind, i)], table, slot_mapping, batch)
-            paged.check(batch)
-            return paged
-        return torch.tensor(ids + [0] * pad), positions, PagedCache(batch, positions, layer)
 
 
 def serve(native, overrides: dict, tokens: list[list[int]]):
