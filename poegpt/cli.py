@@ -436,7 +436,8 @@ def add_mode_flags(p) -> None:
     for name, owners in field_owners().items():
         f = fields[name]
         default = "" if f.default is None else f" (default {f.default})"
-        p.add_argument(f.flag, dest=name, help=f"{', '.join(owners)}: {f.help}{default}", **kinds[f.kind])
+        kind = dict(metavar="{" + ",".join(f.choices) + "}") if f.kind == "choice" else kinds[f.kind]
+        p.add_argument(f.flag, dest=name, help=f"{', '.join(owners)}: {f.help}{default}", **kind)
 
 
 def add_calibrate_parser(sub) -> None:

@@ -22,23 +22,25 @@ import torch
 
 from .engine import Generation, Sampling, StageMix, decode_static, to_rows
 from .errors import PoEError
-from .speculative import AUTO_MAX_DRAFT, DEFAULT_AUTO_THRESHOLD, check_speculative_args, speculative_steps
+from .speculative import (AUTO_MAX_DRAFT, DEFAULT_AUTO_THRESHOLD, VERIFIERS, check_speculative_args, speculative_steps,
+                          verifier_mix)
 from .wand import check_bounds, wand_steps
 
-KINDS = ("int", "float", "ints", "floats", "int_or_auto")
+KINDS = ("int", "float", "ints", "floats", "int_or_auto", "choice")
 
 
 @dataclass(frozen=True)
 class Field:
     """One argument of a mode: `kind` is one of KINDS; `required` fields have no default; `finite`
-    floats refuse inf (p99 bounds take +inf: "never exit here"). Integers are range-checked by the
-    mode's own `check`, whose messages say the valid range."""
+    floats refuse inf (p99 bounds take +inf: "never exit here"); a "choice" is one of the strings
+    `choices`. Integers are range-checked by the mode's own `check`, whose messages say the valid range."""
     name: str
     kind: str
     help: str
     default: object = None
     required: bool = False
     finite: bool = True
+    choices: tuple[str, ...] = ()
 
     @property
     def flag(self) -> str:
@@ -51,6 +53,10 @@ class Field:
         if self.kind == "int_or_auto":       # the CLI gives strings
             return int(value) if isinstance(value, str) and value.strip().lstrip("-").isdigit() else value
         if self.kind == "int":
+            return value
+        if self.kind == "choice":
+            if not isinstance(value, str) or value not in self.choices:
+                raise PoEError(f"{self.name} must be one of {', '.join(self.choices)}, got {value!r}")
             return value
         if self.kind == "float":
             if not self._number(value):
@@ -77,7 +83,9 @@ class Mode:
     of range for the model; `mix(spec, config)` is set for static modes; `report(spec, gen, config,
     tokens)` says what the mode did for one sequence and `merge` folds reports of many;
     `examples(config, calibration)` lists (label, fields) to show the mode with (`generate --mode
-    all`), `sweep` the wider set the benches measure (default: the examples)."""
+    all`), `sweep` the wider set the benches measure (default: the examples). `target(spec, config)`
+    is the StageMix whose distribution a mode that is not a static mix follows (its tokens' reported
+    log-probs; default full PoE)."""
     name: str
     help: str
     run: Callable[..., Iterator[list[list[int]]]]
@@ -89,6 +97,7 @@ class Mode:
     greedy_only: str | None = None               # why, when the mode cannot sample
     merge: Callable[[list[dict]], dict] | None = None
     sweep: Callable[..., list[tuple[str, dict]]] | None = None
+    target: Callable[..., StageMix] | None = None
 
     def configurations(self, config, calibration, sweep: bool = False) -> list[tuple[str, "ModeSpec"]]:
         """(label, ModeSpec) of the showcase settings, or of the bench sweep."""
@@ -110,6 +119,8 @@ def register(mode: Mode) -> Mode:
     for f in mode.fields:
         if f.kind not in KINDS:
             raise PoEError(f"mode {mode.name!r}: field {f.name} has kind {f.kind!r}; use one of {', '.join(KINDS)}")
+        if (f.kind == "choice") != bool(f.choices):
+            raise PoEError(f"mode {mode.name!r}: field {f.name} needs choices exactly when its kind is 'choice'")
     MODES[mode.name] = mode
     return mode
 
@@ -180,6 +191,13 @@ class ModeSpec:
         if self.entry.mix is None:
             raise PoEError(f"{self.mode} mode is not a static stage mix")
         return self.entry.mix(self, model.config)
+
+    def target_mix(self, model) -> StageMix:
+        """The distribution this mode's tokens follow: its stage mix, its table target, or full PoE."""
+        cfg, entry = model.config, self.entry
+        if entry.mix is not None:
+            return entry.mix(self, cfg)
+        return entry.target(self, cfg) if entry.target is not None else StageMix.full(cfg.n_stages, cfg.poe_alpha)
 
 
 def mode_steps(model, rows: list[list[int]], spec: ModeSpec, max_new_tokens: int, sampling: Sampling = Sampling(),
@@ -323,13 +341,13 @@ register(Mode("wand", "stage by stage until the margin beats the calibrated boun
 def _speculative_run(model, rows, spec, max_new_tokens, sampling, eos_token_id, gen):
     threshold = model.calibration.draft_threshold(spec.draft_stage, DEFAULT_AUTO_THRESHOLD)
     return speculative_steps(model, rows, spec.draft_stage, spec.k_draft, max_new_tokens, sampling, eos_token_id,
-                             threshold, gen)
+                             threshold, gen, spec.verifier)
 
 
 def _speculative_report(spec, gen, config, tokens: int) -> dict:
     drafted, accepted, passes = (gen.drafted, gen.accepted, gen.passes) if gen is not None else (0, 0, 0)
     return {"mode": "speculative", "n_layer": config.n_layer, "tokens": tokens, "draft_stage": spec.draft_stage,
-            "k_draft": spec.k_draft, "acceptance_rate": accepted / drafted if drafted else 0.0,
+            "k_draft": spec.k_draft, "verifier": spec.verifier, "acceptance_rate": accepted / drafted if drafted else 0.0,
             "drafted": drafted, "accepted": accepted, "passes": passes, "tokens_per_pass": tokens / max(passes, 1)}
 
 
@@ -343,12 +361,17 @@ def _speculative_merge(reports: list[dict]) -> dict:
     return out
 
 
-register(Mode("speculative", "stages <= d draft, the rest verifies in one pass (output = full PoE)",
+register(Mode("speculative", "stages <= d draft, the rest verifies in one pass (output = full PoE, or the "
+                             "last stage alone with verifier dense)",
               _speculative_run, _speculative_report,
               lambda cfg, cal: [("speculative d0 auto", {"draft_stage": 0, "k_draft": "auto"})],
               (Field("draft_stage", "int", "last draft stage", default=0),
-               Field("k_draft", "int_or_auto", f"draft length, or auto (up to {AUTO_MAX_DRAFT})", default=3)),
-              check=lambda spec, model: check_speculative_args(model.config.n_stages, spec.draft_stage, spec.k_draft),
+               Field("k_draft", "int_or_auto", f"draft length, or auto (up to {AUTO_MAX_DRAFT})", default=3),
+               Field("verifier", "choice", "what verifies and so what the output follows: poe (full PoE) or dense "
+                     "(the last stage alone: an imported nanochat model)", default="poe", choices=VERIFIERS)),
+              check=lambda spec, model: check_speculative_args(model.config.n_stages, spec.draft_stage, spec.k_draft,
+                                                               spec.verifier),
               merge=_speculative_merge,
+              target=lambda spec, cfg: verifier_mix(cfg.n_stages, spec.verifier, cfg.poe_alpha),
               sweep=lambda cfg, cal: [(f"speculative d{d} k{k}", {"draft_stage": d, "k_draft": k})
                                       for d in range(cfg.n_stages - 1) for k in (3, "auto")]))

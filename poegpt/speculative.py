@@ -1,4 +1,4 @@
-"""Self-speculative decoding: the first stages draft, the rest of the trunk verifies (SPEC §8.5).
+"""Self-speculative decoding: the first stages draft, the rest of the trunk verifies.
 
 The draft is the prefix PoE of stages 0..d. It runs layers 0..b_d one token at a time in the same
 KV cache the verifier uses (one cache, no second model). The verifier then runs layers b_d+1..L-1
@@ -11,6 +11,10 @@ Greedy: a draft is accepted iff it is the full-PoE argmax, so the output equals 
 Sampling: a draft d drawn from q is accepted with probability min(1, p(d)/q(d)); on rejection
 the token is drawn from normalise(max(0, p − q)); p and q are the filtered (temperature / top-k /
 top-p) full and draft distributions, so the output is distributed exactly as full-PoE sampling.
+
+The verifier is full PoE (`verifier="poe"`) or the last stage alone (`verifier="dense"`: the dense
+model a nanochat import is, kept exact by `poegpt adapt --train heads`); p above is then stage K-1's
+distribution, so greedy output equals `generate_stage(ids, K-1)` and sampling follows stage K-1's.
 
 `k_draft="auto"` drafts until the draft's own top-1 probability falls below a confidence threshold
 (calibrated by `poegpt calibrate`; EAGLE-2 / Draft&Verify style), at most `AUTO_MAX_DRAFT` tokens.
@@ -28,6 +32,12 @@ from .model import TrunkState
 
 AUTO_MAX_DRAFT = 8
 DEFAULT_AUTO_THRESHOLD = 0.5
+VERIFIERS = ("poe", "dense")
+
+
+def verifier_mix(K: int, verifier: str, alpha: float = 0.0) -> StageMix:
+    """The distribution the verifier accepts against: full PoE, or stage K-1 alone (dense)."""
+    return StageMix.single(K, K - 1) if verifier == "dense" else StageMix.full(K, alpha)
 
 
 def _positions(lengths: list[int], offset: int, T: int, device) -> torch.Tensor:
@@ -39,17 +49,19 @@ class SpeculativeStep:
     a full-view cache (every row writes at its own device positions and attends over every slot
     under a position mask) and the summed head weights taken once. The draft pass is one token per
     row through stages 0..d; the verify pass is k+1 tokens per row through the rest, then the
-    full-PoE log-probs. A pass of another length (the last one of a generation near the cache end,
-    or an early-stopped `k_draft="auto"` draft) runs the same code eagerly on the same cache.
+    verifier's log-probs (full PoE, or stage K-1 alone). A pass of another length (the last one of a
+    generation near the cache end, or an early-stopped `k_draft="auto"` draft) runs the same code
+    eagerly on the same cache.
     Without `compile_decode` the same passes run eagerly on a cache sized to the generation."""
 
     def __init__(self, model, draft_stage: int, batch: int, max_len: int, backend: str | None,
-                 full_view: bool = True):
+                 full_view: bool = True, verifier: str = "poe"):
         K = model.config.n_stages
         self.model, self.d = model, draft_stage
         self.cache = new_cache(model, batch, max_len)
         self.cache.full_view = full_view
-        self.draft_mix, self.full_mix = StageMix(tuple(range(draft_stage + 1))), StageMix.full(K, model.config.poe_alpha)
+        self.draft_mix = StageMix(tuple(range(draft_stage + 1)))
+        self.verify_mix = verifier_mix(K, verifier, model.config.poe_alpha)
         self.heads = [model.head_weight(j) for j in range(K)]
         self.fast_draft, self.fast_verify = compiled(self.draft, backend), compiled(self.verify, backend)
 
@@ -61,10 +73,11 @@ class SpeculativeStep:
         return state.x, state.x0, state.x_mid, hs, q
 
     def verify(self, x, x0, x_mid, shallow: list[torch.Tensor], idx: torch.Tensor, pos: torch.Tensor):
-        """The remaining stages over idx (B, T) at pos (B, T): full-PoE log-probs (B, T, V)."""
+        """The remaining stages over idx (B, T) at pos (B, T): the verifier's log-probs (B, T, V)."""
         _, deep = self.model.walk(idx, TrunkState(x, x0, x_mid), self.d + 1, self.model.config.n_stages, pos,
                                   self.cache)
-        return self.full_mix.logprobs(self.model, shallow + deep, self.heads)
+        mix = self.verify_mix
+        return mix.logprobs(self.model, shallow + deep, [self.heads[k] for k in mix.stages])
 
 
 def accept(p: torch.Tensor, idx: torch.Tensor, draft_logps: list[torch.Tensor], draft_len: torch.Tensor,
@@ -99,31 +112,34 @@ def accept(p: torch.Tensor, idx: torch.Tensor, draft_logps: list[torch.Tensor], 
     return m, torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def check_speculative_args(K: int, draft_stage, k_draft) -> None:
+def check_speculative_args(K: int, draft_stage, k_draft, verifier: str = "poe") -> None:
     if isinstance(draft_stage, bool) or not isinstance(draft_stage, int) or not 0 <= draft_stage <= K - 2:
         raise PoEError(f"draft_stage must be an integer in 0..{K - 2} (below the last stage), got {draft_stage!r}")
     if k_draft != "auto" and (isinstance(k_draft, bool) or not isinstance(k_draft, int) or k_draft < 1):
         raise PoEError(f"k_draft must be an integer >= 1 or 'auto', got {k_draft!r}")
+    if verifier not in VERIFIERS:
+        raise PoEError(f"verifier must be one of {', '.join(VERIFIERS)}, got {verifier!r}")
 
 
 @torch.no_grad()
 def generate_speculative(model, ids, draft_stage: int = 0, k_draft: int | str = 3, max_new_tokens: int = 32,
                          sampling: Sampling = Sampling(), eos_token_id: int | None = None,
-                         auto_threshold: float | None = None) -> Generation:
+                         auto_threshold: float | None = None, verifier: str = "poe") -> Generation:
     gen = Generation([])
     for _ in speculative_steps(model, to_rows(ids), draft_stage, k_draft, max_new_tokens, sampling, eos_token_id,
-                               auto_threshold, gen):
+                               auto_threshold, gen, verifier):
         pass
     return gen
 
 
 @torch.no_grad()
 def speculative_steps(model, rows: list[list[int]], draft_stage: int, k_draft, max_new_tokens: int,
-                      sampling: Sampling, eos_token_id: int | None, auto_threshold: float | None, gen: Generation):
+                      sampling: Sampling, eos_token_id: int | None, auto_threshold: float | None, gen: Generation,
+                      verifier: str = "poe"):
     """Yield, per verification pass, each row's newly emitted tokens; `gen` collects tokens and counts."""
     cfg = model.config
     K = cfg.n_stages
-    check_speculative_args(K, draft_stage, k_draft)
+    check_speculative_args(K, draft_stage, k_draft, verifier)
     check_prompts(model, rows, max_new_tokens)
     device = model.rope_cos.device
     B = len(rows)
@@ -133,10 +149,10 @@ def speculative_steps(model, rows: list[list[int]], draft_stage: int, k_draft, m
     capacity = min(cfg.sequence_len, max(len(r) for r in rows) + max_new_tokens + k_max)
     if fast_path(model) is not None:
         max_len = step_slots(model, capacity)
-        step = cached_step(model, ("speculative", draft_stage, k_max, B, max_len),
-                           lambda backend: SpeculativeStep(model, draft_stage, B, max_len, backend))
+        step = cached_step(model, ("speculative", draft_stage, k_max, B, max_len, verifier),
+                           lambda backend: SpeculativeStep(model, draft_stage, B, max_len, backend, verifier=verifier))
     else:
-        step = SpeculativeStep(model, draft_stage, B, capacity, None, full_view=False)
+        step = SpeculativeStep(model, draft_stage, B, capacity, None, full_view=False, verifier=verifier)
     cache = step.cache
     cache.reset()                               # from the start, also when the cache is reused
     generator = sampling.generator(device)

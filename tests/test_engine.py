@@ -140,21 +140,46 @@ def test_speculative_greedy_is_identical_to_full_greedy(model, request, which):
         assert acc > 0.3
 
 
-def test_speculative_sampling_matches_full_poe_distribution_exactly():
-    """V = 16 so the joint distribution of two tokens (256 cells) can be checked by chi-square.
+@pytest.mark.parametrize("B", [1, 3])
+def test_dense_verified_speculative_greedy_equals_dense_greedy(model, B):
+    """verifier="dense": the last stage alone verifies, so the output is stage K-1's greedy exactly,
+    for every draft stage and draft length, alone and in a ragged batch."""
+    rows = prompts(3, seed=4)[:B]
+    dense = model.generate_stage(rows, K - 1, max_new_tokens=16)
+    assert not torch.equal(dense, model.generate(rows, max_new_tokens=16))     # a different target than full PoE
+    for d in range(K - 1):
+        for k in (1, 3, "auto"):
+            out, acc = model.generate_speculative(rows, draft_stage=d, k_draft=k, max_new_tokens=16,
+                                                  verifier="dense", return_acceptance=True)
+            assert torch.equal(out, dense), (B, d, k)
+            assert 0.0 <= acc <= 1.0
+
+
+@pytest.mark.parametrize("verifier", ["poe", "dense"])
+def test_speculative_sampling_matches_the_verifier_distribution_exactly(verifier):
+    """V = 16 so the joint distribution of two tokens (256 cells) can be checked by chi-square, against
+    the verifier's distribution: full PoE, or stage K-1 alone (dense).
     The first token always goes through the draft/verify rule (the prompt's last token is pending)."""
     cfg = PoEConfig.from_preset("tiny", vocab_size=16)
     m = build_random_model(cfg, seed=12, head_scale=3.0)     # stages disagree: TV(p, q) ~ 0.5
     prompt = [3, 7, 1]
     sampling = Sampling(do_sample=True, temperature=0.9, seed=1234)
     N = 12_000
-    gen = generate_speculative(m, [prompt] * N, draft_stage=1, k_draft=3, max_new_tokens=2, sampling=sampling)
+    gen = generate_speculative(m, [prompt] * N, draft_stage=1, k_draft=3, max_new_tokens=2, sampling=sampling,
+                               verifier=verifier)
     pairs = torch.tensor(gen.tokens)
     counts = torch.bincount(pairs[:, 0] * 16 + pairs[:, 1], minlength=256).double()
+    targets = {"poe": m, "dense": lambda ids: F.log_softmax(m.forward_stage(ids, K - 1), -1)}
+
+    def pair_probs(logprobs_of):
+        """Expected counts of each (first, second) token pair when both are sampled from `logprobs_of`."""
+        with torch.no_grad():
+            p1 = F.softmax(logprobs_of(torch.tensor([prompt]))[0, -1] / 0.9, -1).double()
+            seqs = torch.tensor([prompt + [t] for t in range(16)])
+            p2 = F.softmax(logprobs_of(seqs)[:, -1] / 0.9, -1).double()          # (16, 16)
+        return p1, p2
+    p1, p2 = pair_probs(targets[verifier])
     with torch.no_grad():
-        p1 = F.softmax(m(torch.tensor([prompt]))[0, -1] / 0.9, -1).double()
-        seqs = torch.tensor([prompt + [t] for t in range(16)])
-        p2 = F.softmax(m(seqs)[:, -1] / 0.9, -1).double()                  # (16, 16)
         q1 = F.softmax(logop([lp[0, -1] for lp in m.stage_logprobs(torch.tensor([prompt]), 2)]) / 0.9, -1)
     expected = (p1[:, None] * p2).flatten() * N
 
@@ -167,6 +192,8 @@ def test_speculative_sampling_matches_full_poe_distribution_exactly():
     assert stat < crit, (stat, crit)
     wrong = (q1.double()[:, None] * p2).flatten() * N
     assert chi2(wrong)[0] > 5 * crit
+    o1, o2 = pair_probs(targets["dense" if verifier == "poe" else "poe"])   # and not the other verifier's
+    assert chi2((o1[:, None] * o2).flatten() * N)[0] > 5 * crit
     assert 0 < gen.acceptance < 1
 
 

@@ -83,6 +83,7 @@ def test_mode_spec_checks_itself(tiny_cfg):
     assert ModeSpec("prefix", max_stages=2) == ModeSpec("prefix", max_stages=2)
     assert len({ModeSpec("prefix", max_stages=2), ModeSpec("prefix", max_stages=2), ModeSpec("full")}) == 2
     assert ModeSpec("speculative", k_draft="4").k_draft == 4          # the CLI's strings
+    assert ModeSpec("speculative").verifier == "poe" and ModeSpec("speculative", verifier="dense").verifier == "dense"
     assert ModeSpec("wand", p99_bounds=[1, float("inf")]).p99_bounds == (1.0, float("inf"))
     for mode, kw, message in [("nope", {}, "unknown mode 'nope'"),
                               ("full", {"stage": 1}, "stage applies to mode 'stage' only"),
@@ -90,7 +91,9 @@ def test_mode_spec_checks_itself(tiny_cfg):
                               ("prefix", {}, "prefix mode needs max_stages"),
                               ("wand", {"safety": float("nan")}, "safety must be a finite number"),
                               ("composition", {"stages": 3}, "stages must be a list of integers"),
-                              ("composition", {"stages": [0], "stage_weights": [1, "x"]}, "stage_weights must be a list")]:
+                              ("composition", {"stages": [0], "stage_weights": [1, "x"]}, "stage_weights must be a list"),
+                              ("speculative", {"verifier": "full"}, "verifier must be one of poe, dense, got 'full'"),
+                              ("speculative", {"verifier": 1}, "verifier must be one of poe, dense, got 1")]:
         with pytest.raises(PoEError, match=message):
             ModeSpec(mode, **kw)
     model = build_random_model(tiny_cfg, seed=1)
@@ -121,3 +124,53 @@ def test_every_mode_runs_from_its_table_entry(tiny_cfg):
         run_mode(model, rows, ModeSpec("wand", p99_bounds=(1.0,) * 3), 4, Sampling(do_sample=True))
     full = run_mode(model, rows, ModeSpec("full"), 4).tokens
     assert full == [model.generate([r], max_new_tokens=4)[0, len(r):].tolist() for r in rows]
+
+
+def test_choice_fields_need_their_choices():
+    for field in (Field("colour", "choice", "a colour"), Field("n", "int", "a count", choices=("a",))):
+        with pytest.raises(PoEError, match="needs choices exactly when its kind is 'choice'"):
+            register(Mode("bad", "x", static_steps, static_report, lambda cfg, cal: [], (field,)))
+    assert "bad" not in MODES
+
+
+def test_the_dense_verifier_in_the_cli(capsys):
+    """--verifier comes from the table: dense-verified speculative decoding prints stage K-1's greedy text."""
+    generate = build_parser()._subparsers._group_actions[0].choices["generate"]
+    assert "speculative: what verifies" in generate._option_string_actions["--verifier"].help
+    prompt = "The capital of France is"
+    assert main(["generate", "--mode", "speculative", "--verifier", "dense", "--draft-stage", "1",
+                 "--max-new-tokens", "8", "--dtype", "fp32", "--prompt", prompt]) == 0
+    out, err = capsys.readouterr()
+    assert "[speculative: 8 tokens" in err and "acceptance" in err
+    from poegpt.checkpoint import load_model
+    model, tok = load_model("demo")
+    ids = tok.encode(prompt)
+    want = model.generate_stage([ids], model.config.n_stages - 1, max_new_tokens=8, eos_token_id=tok.bos_id)
+    assert out == prompt + tok.decode(want[0, len(ids):].tolist()) + "\n"
+    assert main(["generate", "--mode", "speculative", "--verifier", "nope", "--prompt", "x"]) == 2
+    assert "--verifier must be one of poe, dense, got 'nope'" in capsys.readouterr().err
+
+
+def test_the_dense_verifier_in_the_server():
+    """The server takes "verifier" from the table; the tokens and their log-probs are stage K-1's."""
+    tok = Tokenizer.train(["the dense verifier serves the last stage " * 4, "una tabla de modos"], 300)
+    model = build_random_model(PoEConfig.from_preset("tiny", vocab_size=tok.vocab_size), seed=6)
+    K = model.config.n_stages
+    with serving(create_app(model, tok, "m", max_batch=2, timeout=60)) as url, httpx.Client(base_url=url) as http:
+        r = http.post("/v1/completions", json={"model": "m", "prompt": "the dense", "max_tokens": 5, "temperature": 0,
+                                               "logprobs": 1, "poe_mode": "speculative", "verifier": "dense",
+                                               "draft_stage": 1, "return_token_ids": True})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        ids = tok.encode("the dense")
+        new = model.generate_stage([ids], K - 1, max_new_tokens=5, eos_token_id=tok.bos_id)[0, len(ids):].tolist()
+        assert body["choices"][0]["token_ids"] == new[:len(body["choices"][0]["token_ids"])]
+        assert body["poe"]["verifier"] == "dense"
+        with torch.no_grad():
+            dense = torch.log_softmax(model.forward_stage(torch.tensor([ids + new]), K - 1)[0], -1)
+        got = body["choices"][0]["token_ids"]
+        assert body["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(
+            [float(dense[len(ids) - 1 + i, t]) for i, t in enumerate(got)], abs=1e-4)
+        r = http.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2,
+                                               "poe_mode": "speculative", "verifier": "nope"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "verifier", r.text

@@ -2,10 +2,11 @@
 
 A token's log-prob entry holds its name, its log-prob and the top-N alternatives (`Logprobs.entry`).
 A static-mode row has its distribution at hand when it picks a token. The solo modes (those the
-mode table does not batch: WAND and speculative decoding) target the full-PoE distribution but do
-not expose it per token, so a `Scorer` computes it by teacher forcing: the engine's `prefill` of
-the prompt, then one `trunk` step per emitted token on a one-row cache of its own. Prompt log-probs
-(echo with logprobs) come from one pass over the prompt under the sequence's own mix.
+mode table does not batch: WAND and speculative decoding) target a distribution (`ModeSpec.target_mix`:
+full PoE, or stage K-1 for the dense verifier) but do not expose it per token, so a `Scorer` computes
+it by teacher forcing: the engine's `prefill` of the prompt, then one `trunk` step per emitted token
+on a one-row cache of its own. Prompt log-probs (echo with logprobs) come from one pass over the
+prompt under the sequence's own mix.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class Logprobs:
 
     def prompt(self, prompt: list[int], mix: StageMix | None, n: int) -> list[TokenLogprob]:
         """Log-probs of each prompt token given the ones before, under the sequence's own `mix`
-        (None: full PoE, for the solo modes, whose tokens follow or approximate it)."""
+        (for the solo modes the one their tokens follow or approximate; None: full PoE)."""
         model, cfg = self.model, self.model.config
         mix = mix or StageMix.full(cfg.n_stages, cfg.poe_alpha)
         logp = mix.logprobs(model, model.trunk(torch.tensor([prompt], device=model.rope_cos.device), mix.depth))[0]
@@ -74,13 +75,13 @@ class Logprobs:
 
 
 class Scorer:
-    """Full-PoE log-probs of a solo sequence's tokens, by teacher forcing on a one-row cache of its
-    own: the engine's `prefill` of the prompt, then the model's `trunk` one token at a time (the
-    cache moves its own lengths)."""
+    """Log-probs of a solo sequence's tokens under `mix` (the distribution its mode targets), by
+    teacher forcing on a one-row cache of its own: the engine's `prefill` of the prompt, then the
+    model's `trunk` one token at a time (the cache moves its own lengths)."""
 
-    def __init__(self, model, prompt, max_tokens: int):
+    def __init__(self, model, prompt, max_tokens: int, mix: StageMix):
         self.model = model
-        self.mix = StageMix.full(model.config.n_stages, model.config.poe_alpha)
+        self.mix = mix
         self.cache = new_cache(model, 1, len(prompt) + max_tokens)
         self.logp = self.mix.logprobs(model, prefill(model, self.cache, [list(prompt)], self.mix.depth))[0]
 

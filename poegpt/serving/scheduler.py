@@ -246,7 +246,8 @@ class Scheduler:
             if p.spec.entry.batched:
                 s.mix = p.spec.stage_mix(self.model)
             if p.prompt_logprobs:
-                s.prompt_lp = self.logprobs.prompt(list(p.prompt), s.mix, p.logprobs or 0)
+                s.prompt_lp = self.logprobs.prompt(list(p.prompt), s.mix or p.spec.target_mix(self.model),
+                                                   p.logprobs or 0)
             if p.max_tokens == 0:
                 self._send(s, Event(s.index), "length")
             elif p.spec.entry.batched:
@@ -257,12 +258,12 @@ class Scheduler:
             self._fail(s, e)
 
     def _start_solo(self, s: Sequence) -> None:
-        """The mode's own step iterator (and a full-PoE scorer when log-probs are asked for)."""
+        """The mode's own step iterator (and a scorer of its target distribution when log-probs are asked for)."""
         p = s.params
         s.steps, s.gen = mode_steps(self.model, [list(p.prompt)], p.spec, p.max_tokens, p.sampling,
                                     self.eos_token_id)
         if p.logprobs is not None:
-            s.scorer = Scorer(self.model, p.prompt, p.max_tokens)
+            s.scorer = Scorer(self.model, p.prompt, p.max_tokens, p.spec.target_mix(self.model))
         self.solo.append(s)
 
     def _start_batched(self, s: Sequence) -> None:
