@@ -182,6 +182,16 @@ class PoEConfig:
         return cls.from_dict(d)
 
 
+def parse_layout(text: str | None) -> tuple[int, ...] | None:
+    """A stage layout from its command-line form "12,5,4,3" (None stays None)."""
+    if not text:
+        return None
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise PoEError(f"--stages must be comma-separated layer counts, e.g. 12,5,4,3; got {text!r}") from None
+
+
 def card_stage_layout(n_layer: int) -> tuple[int, ...]:
     """Stage layout in the card's proportions (12:5:4:3 of 24), at least one layer per stage."""
     bounds, prev = [], 0

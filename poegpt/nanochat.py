@@ -1,4 +1,4 @@
-"""nanochat interop: import a nanochat base checkpoint as a dense poegpt checkpoint.
+"""nanochat interop: import a nanochat base checkpoint as a dense poegpt checkpoint, and export one back.
 
 nanochat saves `base_checkpoints/dNN/model_<step>.pt` (a state dict, keys maybe prefixed `_orig_mod.`
 by torch.compile), `meta_<step>.json` (its GPTConfig under "model_config") and `tokenizer/tokenizer.pkl`
@@ -6,6 +6,10 @@ by torch.compile), `meta_<step>.json` (its GPTConfig under "model_config") and `
 read by an unpickler that admits only tiktoken's Encoding and keeps its state (pattern, ranks, special
 tokens) without constructing anything. The imported model is dense: every additive stage head is zero,
 so each stage's head is nanochat's `lm_head` and stage K-1 alone is nanochat's model.
+
+The export writes the dense model, stage K-1 alone, in that layout: nanochat's lm_head is W_s + W_{K-1}
+(the summed head stage K-1 predicts with), the trunk is copied as is, the earlier stage heads are left
+out, and the tokenizer is pickled by tiktoken itself. A config nanochat's trunk cannot express is refused.
 """
 
 from __future__ import annotations
@@ -13,19 +17,24 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import pickle
 import re
 from pathlib import Path
 
+import tiktoken
 import torch
 
 from .checkpoint import save_checkpoint
-from .config import PoEConfig, card_stage_layout
+from .config import PoEConfig, card_stage_layout, parse_layout
 from .errors import PoEError
+from .fileio import atomic_directory_write
 from .api import PoEGPT
 from .tokenizer import SPECIAL_TOKENS, Tokenizer
 
 KNOWN_FIELDS = {"sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern"}
+KEY_RENAMES = (("transformer.wte.", "wte."), ("transformer.h.", "blocks."))   # nanochat's prefix, poegpt's
+BUILT_IN = {"softcap": 15.0, "rope_base": 100_000.0, "value_embeds": True}     # fixed in nanochat's trunk
 
 
 class _EncodingState:
@@ -101,19 +110,38 @@ def config_from_meta(model_config: dict, stages: tuple[int, ...] | None) -> PoEC
                     n_kv_head=c["n_kv_head"], head_dim=c["n_embd"] // c["n_head"], sequence_len=c["sequence_len"],
                     window_pattern=c["window_pattern"].upper(),
                     stage_layout=stages or (card_stage_layout(L) if L >= 4 else (L,)))
-    nano_short = math.ceil(c["sequence_len"] // 4 / 128) * 128
-    if any(w != c["sequence_len"] for w in cfg.windows) and cfg.short_window != nano_short:
-        raise PoEError(f"nanochat config: window_pattern {c['window_pattern']!r} at sequence_len {c['sequence_len']} "
-                       f"needs a short window of {nano_short}; poegpt's trunk uses {cfg.short_window} there")
+    check_windows(cfg)
     return cfg
+
+
+def check_windows(cfg: PoEConfig) -> None:
+    """nanochat's short window is ceil((sequence_len // 4) / 128) * 128; refuse a config whose S layers differ."""
+    nano_short = math.ceil(cfg.sequence_len // 4 / 128) * 128
+    if any(w != cfg.sequence_len for w in cfg.windows) and cfg.short_window != nano_short:
+        raise PoEError(f"window_pattern {cfg.window_pattern!r} at sequence_len {cfg.sequence_len}: nanochat's short "
+                       f"window is {nano_short} but poegpt's is {cfg.short_window}; the trunks differ there")
+
+
+def nanochat_model_config(cfg: PoEConfig) -> dict:
+    """nanochat's model_config (its GPTConfig) for a poegpt config; one PoEError if nanochat cannot express it."""
+    for name, built_in in BUILT_IN.items():
+        if getattr(cfg, name) != built_in:
+            raise PoEError(f"nanochat cannot express {name}={getattr(cfg, name)!r} (its trunk has {built_in!r} built "
+                           f"in); this model cannot be exported to nanochat")
+    if cfg.head_dim * cfg.n_head != cfg.n_embd:
+        raise PoEError(f"nanochat's head_dim is n_embd / n_head ({cfg.n_embd} / {cfg.n_head}), but this model's is "
+                       f"{cfg.head_dim}; it cannot be exported to nanochat")
+    check_windows(cfg)
+    return {"sequence_len": cfg.sequence_len, "vocab_size": cfg.vocab_size, "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head, "n_kv_head": cfg.n_kv_head, "n_embd": cfg.n_embd,
+            "window_pattern": cfg.window_pattern}
 
 
 def state_dict_from_nanochat(sd: dict, cfg: PoEConfig) -> dict:
     """Rename nanochat's keys to poegpt's and add zero stage heads."""
     out = {}
     for key, value in sd.items():
-        key = key.removeprefix("_orig_mod.")
-        key = key.replace("transformer.wte.", "wte.").replace("transformer.h.", "blocks.")
+        key = _rename(key.removeprefix("_orig_mod."), KEY_RENAMES)
         out[key] = value.float() if value.dtype == torch.bfloat16 else value
     head = out.get("lm_head.weight")
     if head is None or head.shape != (cfg.padded_vocab_size, cfg.n_embd):
@@ -123,6 +151,23 @@ def state_dict_from_nanochat(sd: dict, cfg: PoEConfig) -> dict:
     for k in range(cfg.n_stages):
         out[f"lm_head_stages.{k}.weight"] = torch.zeros_like(head)
     return out
+
+
+def state_dict_to_nanochat(model) -> dict:
+    """nanochat's state dict of the dense model, stage K-1: its summed head W_s + W_{K-1} as lm_head."""
+    renames = tuple((ours, nano) for nano, ours in KEY_RENAMES)
+    with torch.no_grad():
+        out = {_rename(k, renames): v.detach().float().clone() for k, v in model.state_dict().items()
+               if not k.startswith("lm_head_stages.")}
+        out["lm_head.weight"] = model.head_weight(model.config.n_stages - 1).detach().float().clone()
+    return out
+
+
+def _rename(key: str, renames) -> str:
+    for old, new in renames:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
 
 
 def load_nanochat(src, step: int | None = None, tokenizer_dir=None, stages=None) -> tuple[PoEGPT, Tokenizer, dict]:
@@ -170,6 +215,59 @@ def import_nanochat(src, out, step=None, tokenizer_dir=None, stages=None) -> Pat
     return save_checkpoint(out, model, tokenizer, {"step": 0, "imported_from": meta})
 
 
+def export_nanochat(src, out) -> Path:
+    """Write the dense model (stage K-1) of the checkpoint or run `src` as a nanochat base dir at `out`:
+    base_checkpoints/dNN/model_<step>.pt + meta_<step>.json, tokenizer/tokenizer.pkl + token_bytes.pt.
+    Atomic; on any error nothing is written."""
+    from .checkpoint import load_model, read_meta, resolve_checkpoint
+    out = Path(out)
+    if out.exists():
+        raise PoEError(f"{out} already exists; choose a new OUT")
+    ckpt = resolve_checkpoint(src)
+    model, tokenizer = load_model(ckpt)
+    if tokenizer is None:
+        raise PoEError(f"{ckpt} has no tokenizer; nanochat needs one (export a checkpoint that has tokenizer_bpe.json)")
+    model_config = nanochat_model_config(model.config)
+    own_meta = read_meta(ckpt)
+    step = int(own_meta.get("step", 0))
+    state, meta = state_dict_to_nanochat(model), _nanochat_meta(model.config, ckpt, own_meta, model_config)
+    encoding = tiktoken.Encoding(name="rustbpe", pat_str=tokenizer.pattern, mergeable_ranks=tokenizer.mergeable_ranks,
+                                 special_tokens=tokenizer.special_tokens)
+    token_bytes = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.int32)
+
+    def write(tmp: Path) -> None:
+        folder = tmp / "base_checkpoints" / f"d{model.config.n_layer}"
+        _write(folder / f"model_{step:06d}.pt", lambda f: torch.save(state, f))
+        _write(folder / f"meta_{step:06d}.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        _write(tmp / "tokenizer" / "tokenizer.pkl", lambda f: pickle.dump(encoding, f))
+        _write(tmp / "tokenizer" / "token_bytes.pt", lambda f: torch.save(token_bytes, f))
+    return atomic_directory_write(out, write)
+
+
+def _nanochat_meta(cfg: PoEConfig, ckpt: Path, own_meta: dict, model_config: dict) -> dict:
+    """meta_<step>.json with nanochat's keys; what poegpt does not know (nanochat's loop state) is null."""
+    args = own_meta.get("train_args") or {}
+    rows = args.get("batch_size")
+    tokens = args.get("tokens_per_step") or (rows and rows * (args.get("sequence_len") or cfg.sequence_len))
+    return {"step": int(own_meta.get("step", 0)), "val_bpb": None, "model_config": model_config,
+            "user_config": {"exported_by": "poegpt export-nanochat", "poegpt_checkpoint": str(ckpt),
+                            "stage_layout": list(cfg.stage_layout), "dense_stage": cfg.n_stages - 1,
+                            "depth": cfg.n_layer, "max_seq_len": cfg.sequence_len,
+                            "window_pattern": cfg.window_pattern},
+            "device_batch_size": rows, "max_seq_len": cfg.sequence_len,
+            "total_batch_size": tokens,
+            "dataloader_state_dict": None,
+            "loop_state": {"min_val_bpb": None, "smooth_train_loss": None, "total_training_time": None}}
+
+
+def _write(path: Path, fill) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        fill(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def add_parsers(sub) -> None:
     p = sub.add_parser("import-nanochat", help="import a nanochat base checkpoint as a dense poegpt checkpoint")
     p.add_argument("src", metavar="NANOCHAT_DIR", help="a base_checkpoints/dNN folder or nanochat's base dir")
@@ -179,12 +277,18 @@ def add_parsers(sub) -> None:
     p.add_argument("--stages", default=None,
                    help="stage layout, layers per stage, e.g. 12,5,4,3 (default: the card's proportions)")
     p.set_defaults(fn=_cmd_import)
+    p = sub.add_parser("export-nanochat", help="write a run's dense model (stage K-1) as a nanochat base checkpoint")
+    p.add_argument("src", metavar="RUN", help="a poegpt checkpoint or run directory (its newest checkpoint)")
+    p.add_argument("out", metavar="OUT", help="nanochat base dir to write: base_checkpoints/dNN/ and tokenizer/ "
+                                              "(must not exist)")
+    p.set_defaults(fn=_cmd_export)
 
 
 def _cmd_import(args) -> None:
-    try:
-        stages = [int(s) for s in args.stages.split(",")] if args.stages else None
-    except ValueError:
-        raise PoEError(f"--stages must be comma-separated layer counts, got {args.stages!r}") from None
-    path = import_nanochat(args.src, args.out, args.step, args.tokenizer, stages)
+    path = import_nanochat(args.src, args.out, args.step, args.tokenizer, parse_layout(args.stages))
     print(f"imported nanochat checkpoint -> {path}")
+
+
+def _cmd_export(args) -> None:
+    path = export_nanochat(args.src, args.out)
+    print(f"exported the dense model (stage K-1) as a nanochat checkpoint -> {path}")

@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -91,3 +92,92 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, case):
         import_nanochat(src, out, stages=stages)
     assert "\n" not in str(e.value) and str(e.value)
     assert not out.exists()
+
+
+def expected_rows():
+    """The three prompts (of different lengths: a ragged batch) and nanochat's greedy continuations."""
+    return [p["ids"] for p in EXPECTED["prompts"]], [p["engine_greedy"] for p in EXPECTED["prompts"]]
+
+
+def assert_dense_verified_equals_nanochat(model):
+    """Dense-verified speculative decoding gives nanochat's own greedy continuations, for every draft
+    stage and draft length, each prompt alone and the three as one ragged batch."""
+    K = model.config.n_stages
+    rows, want = expected_rows()
+    n = len(want[0])
+    for d in range(K - 1):
+        for k in (1, 3, "auto"):
+            for batch in [[r] for r in range(len(rows))] + [list(range(len(rows)))]:
+                out = model.generate_speculative([rows[r] for r in batch], draft_stage=d, k_draft=k,
+                                                 max_new_tokens=n, verifier="dense")
+                for i, r in enumerate(batch):
+                    assert out[i, len(rows[r]):len(rows[r]) + n].tolist() == want[r], (d, k, batch)
+
+
+def test_dense_verified_speculative_equals_nanochat_greedy(imported):
+    """With the imported (zero) stage heads: every draft is nanochat's lm_head on an early boundary."""
+    assert_dense_verified_equals_nanochat(imported[0])
+
+
+# --- export-nanochat ----------------------------------------------------------------------------------
+
+def nanochat_files(root: Path) -> dict[str, Path]:
+    """The files nanochat reads from a base dir, by layout (step numbers as <step>)."""
+    found = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        if p.is_file() and rel.startswith(("base_checkpoints/", "tokenizer/")):
+            found[re.sub(r"_\d{6}\.", "_<step>.", rel)] = p
+    return found
+
+
+def test_export_writes_nanochat_layout_and_round_trips(tmp_path, imported):
+    """import -> export gives back nanochat's own checkpoint: the same files, meta keys, state dict
+    (names and values), tokenizer (a tiktoken pickle) and token_bytes; importing it again gives the
+    same model."""
+    import tiktoken
+    from poegpt.nanochat import export_nanochat
+    src = import_nanochat(FIXTURE, tmp_path / "imported")
+    out = export_nanochat(src, tmp_path / "nano")
+    ours, theirs = nanochat_files(out), nanochat_files(FIXTURE)
+    assert sorted(ours) == sorted(theirs) == ["base_checkpoints/d4/meta_<step>.json",
+                                              "base_checkpoints/d4/model_<step>.pt",
+                                              "tokenizer/token_bytes.pt", "tokenizer/tokenizer.pkl"]
+    meta = json.loads(ours["base_checkpoints/d4/meta_<step>.json"].read_text())
+    ref_meta = json.loads(theirs["base_checkpoints/d4/meta_<step>.json"].read_text())
+    assert list(meta) == list(ref_meta) and meta["model_config"] == ref_meta["model_config"]
+    sd = torch.load(ours["base_checkpoints/d4/model_<step>.pt"], weights_only=True)
+    ref = torch.load(theirs["base_checkpoints/d4/model_<step>.pt"], weights_only=True)
+    assert sorted(sd) == sorted(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)
+    assert torch.equal(torch.load(ours["tokenizer/token_bytes.pt"], weights_only=True),
+                       torch.load(theirs["tokenizer/token_bytes.pt"], weights_only=True))
+    enc = pickle.loads(ours["tokenizer/tokenizer.pkl"].read_bytes())      # tiktoken's own pickle, as nanochat reads it
+    ref_enc = pickle.loads(theirs["tokenizer/tokenizer.pkl"].read_bytes())
+    assert isinstance(enc, tiktoken.Encoding) and enc.__getstate__() == ref_enc.__getstate__()
+    again, tok, _ = load_nanochat(out)
+    model, _, _ = imported
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+    ids = torch.tensor([EXPECTED["texts"][1]["ids"]])
+    K = model.config.n_stages
+    assert torch.equal(again.forward_stage(ids, K - 1), model.forward_stage(ids, K - 1))
+
+
+def test_export_refuses_what_nanochat_cannot_express(tmp_path):
+    """One line, nothing written: a window nanochat computes differently (tiny: context 64, S layers),
+    a model without a tokenizer, a run with no checkpoint."""
+    from poegpt import PoEConfig, PoEGPT
+    from poegpt.checkpoint import save_checkpoint
+    from poegpt.cli import main
+    from poegpt.tokenizer import Tokenizer
+    tok = Tokenizer.train(["the export refuses what nanochat cannot express " * 4, "una tabla de modos para todos"], 300)
+    save_checkpoint(tmp_path / "tiny", PoEGPT(PoEConfig.from_preset("tiny", vocab_size=tok.vocab_size)), tok)
+    save_checkpoint(tmp_path / "notok", PoEGPT(PoEConfig.from_preset("tiny", window_pattern="L")))
+    (tmp_path / "empty_run").mkdir()
+    from poegpt.nanochat import export_nanochat
+    for src, message in [("tiny", "window_pattern 'SSSL' at sequence_len 64: nanochat's short window is 128"),
+                         ("notok", "has no tokenizer"), ("empty_run", "holds no checkpoint")]:
+        with pytest.raises(PoEError) as e:
+            export_nanochat(tmp_path / src, tmp_path / "out")
+        assert message in str(e.value) and "\n" not in str(e.value)
+        assert main(["export-nanochat", str(tmp_path / src), str(tmp_path / "out")]) == 2
+        assert not (tmp_path / "out").exists()
