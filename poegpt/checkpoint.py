@@ -143,15 +143,21 @@ def resolve_checkpoint(path) -> Path:
     return ckpts[-1]
 
 
-def load_state(path, model) -> None:
-    """Load model.safetensors into `model`, checking names and shapes against its config."""
+def _read_state(path) -> dict[str, torch.Tensor]:
     f = Path(path) / MODEL_FILE
     try:
-        state = load_file(f)
+        return load_file(f)
     except FileNotFoundError:
         raise PoEError(f"{f} is missing; the checkpoint is incomplete") from None
     except (SafetensorError, OSError) as e:
         raise PoEError(f"{f} is not a readable safetensors file ({e}); the checkpoint is corrupt") from None
+
+
+def load_state(path, model, state: dict | None = None) -> None:
+    """Load model.safetensors (or `state`, read from it) into `model`, checking names and shapes
+    against its config."""
+    f = Path(path) / MODEL_FILE
+    state = _read_state(path) if state is None else state
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     bad = [k for k in expected if k in state and state[k].shape != expected[k].shape]
@@ -162,6 +168,41 @@ def load_state(path, model) -> None:
     with torch.no_grad():
         for k, v in expected.items():
             v.copy_(state[k])
+
+
+def initial_config(path, tokenizer, data, stages=None, **overrides) -> PoEConfig:
+    """The config of a run that starts from the checkpoint (or run) at `path`: its own, with `overrides`
+    and, when given, the stage layout `stages`. The data's `tokenizer` must be the checkpoint's."""
+    from .tokenizer import TOKENIZER_FILE, Tokenizer
+    ckpt = resolve_checkpoint(path)
+    cfg = PoEConfig.load(ckpt)
+    own = Tokenizer.load(ckpt) if (ckpt / TOKENIZER_FILE).exists() else None
+    same = cfg.vocab_size == tokenizer.vocab_size and (
+        own is None or (own.pattern, own.mergeable_ranks) == (tokenizer.pattern, tokenizer.mergeable_ranks))
+    if not same:
+        raise PoEError(f"the data {data} was tokenised with another tokenizer ({tokenizer.vocab_size} ids) than the "
+                       f"model {path} uses ({cfg.vocab_size} ids); prepare it with --tokenizer {path}")
+    if stages:
+        overrides["stage_layout"] = tuple(stages)
+    return cfg.replace(**overrides)
+
+
+def load_initial_state(path, model) -> None:
+    """Start `model` from the weights of the checkpoint (or run) at `path`, whose config may differ from
+    the model's in its stage layout only: a re-cut needs the checkpoint's stage heads to be zero (an
+    imported dense model), and gives zero heads of the new count."""
+    ckpt = resolve_checkpoint(path)
+    src, cfg = PoEConfig.load(ckpt), model.config
+    state = _read_state(ckpt)
+    if src.stage_layout != cfg.stage_layout:
+        heads = [k for k in state if k.startswith("lm_head_stages.")]
+        if any(bool(state[k].any()) for k in heads):
+            raise PoEError(f"{ckpt} has trained stage heads for the layout {list(src.stage_layout)}; re-cutting it "
+                           f"to {list(cfg.stage_layout)} would drop them: keep its layout (leave out --stages)")
+        shape = state["lm_head.weight"].shape
+        state = {k: v for k, v in state.items() if k not in heads}
+        state.update({f"lm_head_stages.{k}.weight": torch.zeros(shape) for k in range(cfg.n_stages)})
+    load_state(ckpt, model, state)
 
 
 def load_model(path=None, device="cpu", dtype: torch.dtype = torch.float32):

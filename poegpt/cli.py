@@ -4,6 +4,7 @@
     poegpt tokenizer --recipe sample --vocab-size 4096 --out DIR
     poegpt prepare   --recipe sample --tokenizer DIR --out DATA
     poegpt train     --data DATA --out RUN [--preset tiny | --depth N] [--objective ...] [--resume]
+    poegpt adapt     --model IMPORTED --data DATA --out RUN [--stages 2,1,1] [--train heads] [--resume]
     poegpt eval      --model RUN --data DATA [--prompts FILE] [--out eval]
     poegpt generate  --model RUN --prompt "..." [--max-new-tokens 64] [--temperature 0.8 --seed 0]
 
@@ -105,19 +106,41 @@ def cmd_prepare(a) -> None:
 
 
 def cmd_train(a) -> None:
-    from .train import TrainArgs, resume_args, train
+    from .train import TrainArgs
+
+    def make(given: dict):
+        if not a.data:
+            raise PoEError("--data is required (a directory written by `poegpt prepare`)")
+        if a.depth is not None:
+            given["preset"] = None
+        return TrainArgs(**given)
+    _run_training(a, make)
+
+
+def cmd_adapt(a) -> None:
+    from .adapt import adapt_args
+    from .config import parse_layout
+
+    def make(given: dict):
+        if not (a.init_from and a.data):
+            raise PoEError("--model and --data are required (a checkpoint, e.g. from import-nanochat, and a "
+                           "directory written by `poegpt prepare --tokenizer` that checkpoint)")
+        return adapt_args(given.pop("init_from"), given.pop("data"), given.pop("out"), parse_layout(a.layout),
+                          **given)
+    _run_training(a, make)
+
+
+def _run_training(a, make) -> None:
+    """Train or adapt: resume a run from its saved arguments, or start one from `make(the flags given)`."""
     from .checkpoint import checkpoints_in
+    from .train import TrainArgs, resume_args, train
     if a.resume and checkpoints_in(a.out):
         args = resume_args(a.out, steps=a.steps, progress=not a.quiet)
     else:
-        if not a.data:
-            raise PoEError("--data is required (a directory written by `poegpt prepare`)")
         fields = {f.name for f in dataclasses.fields(TrainArgs)}
         given = {k: v for k, v in vars(a).items() if k in fields and v is not None}
         given["progress"] = not a.quiet
-        if a.depth is not None:
-            given["preset"] = None
-        args = TrainArgs(**given)
+        args = make(given)
     last = train(args, resume=a.resume, stop_at=a.stop_at)
     val = last.get("val")
     if val:
@@ -292,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_prepare_parser(sub)
     add_train_parser(sub)
+    add_adapt_parser(sub)
     add_eval_parser(sub)
     add_generate_parser(sub)
     add_calibrate_parser(sub)
@@ -353,6 +377,33 @@ def add_train_parser(sub) -> None:
     s.add_argument("--stage-grad", dest="stage_grad", choices=["through", "isolated"],
                    help=_train_help("isolated: detach the input of each stage (true local learning)", "stage_grad"))
     s.add_argument("--steps", type=int, help=_train_help("optimiser steps", "steps"))
+    _add_loop_flags(s)
+    s.add_argument("--parallel", choices=["ddp", "fsdp", "stage"],
+                   help="under torchrun: ddp / fsdp data parallelism (default ddp), or stage: one rank per stage")
+    s.set_defaults(fn=cmd_train)
+
+
+def add_adapt_parser(sub) -> None:
+    s = sub.add_parser("adapt", help="train the PoE stage heads of a model (e.g. an imported nanochat one) on its "
+                                     "frozen trunk (resumable)")
+    s.add_argument("--model", dest="init_from", help="checkpoint or run directory to start from (import-nanochat's OUT)")
+    s.add_argument("--data", help="prepared data directory, tokenised with the model's tokenizer "
+                                  "(poegpt prepare --tokenizer MODEL)")
+    s.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, bpb.png")
+    s.add_argument("--stages", dest="layout", help="re-cut the stage layout, layers per stage, e.g. 12,5,4,3 (a model "
+                                                   "with zero stage heads only; default: the model's)")
+    s.add_argument("--train", dest="trainable", help="what trains: heads (stages 0..K-2's additive heads; the "
+                   "shared head, the last stage's head and the trunk stay, so stage K-1 is unchanged), "
+                   "heads+last-layers (and each stage's last layer) or all (default heads)")
+    s.add_argument("--sequence-len", dest="sequence_len", type=int,
+                   help="tokens per training row, at most the model's context (default: the context)")
+    s.add_argument("--steps", type=int, help=_train_help("optimiser steps", "steps"))
+    _add_loop_flags(s)
+    s.set_defaults(fn=cmd_adapt)
+
+
+def _add_loop_flags(s) -> None:
+    """The training loop's flags that train and adapt share."""
     s.add_argument("--batch-size", dest="batch_size", type=int, help=_train_help("rows per micro-batch", "batch_size"))
     s.add_argument("--tokens-per-step", dest="tokens_per_step", type=int,
                    help="tokens per optimiser step, by gradient accumulation (default: one micro-batch)")
@@ -376,12 +427,9 @@ def add_train_parser(sub) -> None:
     s.add_argument("--loss-chunk", dest="loss_chunk", type=int, help=_train_help("positions per chunk of the stage-head loss", "loss_chunk"))
     s.add_argument("--compile-loss", dest="compile_loss", action="store_true", default=None,
                    help="torch.compile the chunked stage-head loss (fuses the vocabulary-wide element-wise work)")
-    s.add_argument("--parallel", choices=["ddp", "fsdp", "stage"],
-                   help="under torchrun: ddp / fsdp data parallelism (default ddp), or stage: one rank per stage")
     s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     s.add_argument("--stop-at", dest="stop_at", type=int, help="stop (and save) after this step; resume later")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(fn=cmd_train)
 
 
 def add_eval_parser(sub) -> None:

@@ -5,6 +5,11 @@ orthogonalises each matrix update. AdamW groups: heads (shared + stage heads) 0.
 0.2, value embeddings 0.1 — these three scaled by (d/768)^-0.5 — then resid_lambdas 0.005,
 x0_lambdas 0.5, smear/backout 0.2. The schedule is a linear warmup, a constant phase and a linear
 warmdown over the last `warmdown_ratio` of the run; Muon's momentum ramps 0.85 -> 0.95 over 300 steps.
+
+`trainable` picks which parameters train (`freeze` turns the rest's requires_grad off, and the
+optimisers hold only the trainable ones): "all"; "heads", the additive stage heads W_0..W_{K-2}
+(the shared head W_s, the last stage's W_{K-1} and the trunk stay, so stage K-1 alone is unchanged);
+"heads+last-layers", those plus the last layer of every stage (its block, gate and value embedding).
 """
 
 from __future__ import annotations
@@ -12,7 +17,38 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from .errors import PoEError
 from .model import PoEModel
+
+TRAINABLE = ("all", "heads", "heads+last-layers")
+
+
+def check_trainable(which) -> None:
+    if which not in TRAINABLE:
+        raise PoEError(f"--train must be one of {', '.join(TRAINABLE)}, got {which!r}")
+
+
+def trainable_names(model: PoEModel, which: str = "all") -> set[str]:
+    """Names of the parameters that train under `which` (one of TRAINABLE)."""
+    check_trainable(which)
+    names = {n for n, _ in model.named_parameters()}
+    if which == "all":
+        return names
+    K = model.config.n_stages
+    chosen = {f"lm_head_stages.{k}.weight" for k in range(K - 1)}
+    if which == "heads+last-layers":
+        for b in model.config.boundaries:
+            chosen |= {n for n in names if n.startswith((f"blocks.{b}.", f"value_embeds.{b}."))}
+    return chosen
+
+
+def freeze(model: PoEModel, which: str = "all") -> None:
+    """requires_grad on the parameters `which` trains, off on the rest."""
+    chosen = trainable_names(model, which)
+    if not chosen:
+        raise PoEError(f"--train {which} leaves nothing to train in a model of one stage; re-cut it (--stages)")
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in chosen)
 
 
 def zeropower_newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
@@ -64,14 +100,15 @@ class Muon(torch.optim.Optimizer):
 def build_optimizers(model: PoEModel, matrix_lr: float = 0.02, unembedding_lr: float = 0.004,
                      embedding_lr: float = 0.2, value_embedding_lr: float = 0.1, scalar_lr_scale: float = 1.0,
                      weight_decay: float = 0.0) -> list[torch.optim.Optimizer]:
-    """[AdamW, Muon] over every parameter of the model, each in exactly one group."""
+    """[AdamW, Muon] over every trainable parameter of the model (requires_grad; see `freeze`), each in
+    exactly one group; an optimiser with nothing to train is left out."""
     scale = (model.config.n_embd / 768) ** -0.5
     matrices = [p for b in model.blocks for n, p in b.named_parameters() if "ve_gate" not in n]
     ve_gates = [b.attn.ve_gate.weight for b in model.blocks if b.attn.ve_gate is not None]
     heads = [model.lm_head.weight, *[h.weight for h in model.lm_head_stages]]
 
     def group(params, lr, betas, wd):
-        return dict(params=params, lr=lr, initial_lr=lr, betas=betas, weight_decay=wd)
+        return dict(params=[p for p in params if p.requires_grad], lr=lr, initial_lr=lr, betas=betas, weight_decay=wd)
     adam_groups = [
         group(heads, unembedding_lr * scale, (0.8, 0.96), 0.01),
         group([model.wte.weight], embedding_lr * scale, (0.8, 0.995), 0.001),
@@ -82,11 +119,16 @@ def build_optimizers(model: PoEModel, matrix_lr: float = 0.02, unembedding_lr: f
               0.2 * scalar_lr_scale, (0.8, 0.95), 0.0),
     ]
     adam_groups = [g for g in adam_groups if g["params"]]
-    adamw = torch.optim.AdamW(adam_groups, eps=1e-10, foreach=False)
-    muon = Muon([dict(params=matrices, lr=matrix_lr, initial_lr=matrix_lr)], weight_decay=weight_decay)
-    covered = {id(p) for opt in (adamw, muon) for g in opt.param_groups for p in g["params"]}
-    assert covered == {id(p) for p in model.parameters()}, "every parameter must be in exactly one optimiser group"
-    return [adamw, muon]
+    matrices = [p for p in matrices if p.requires_grad]
+    optimizers = []
+    if adam_groups:
+        optimizers.append(torch.optim.AdamW(adam_groups, eps=1e-10, foreach=False))
+    if matrices:
+        optimizers.append(Muon([dict(params=matrices, lr=matrix_lr, initial_lr=matrix_lr)], weight_decay=weight_decay))
+    covered = [id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]]
+    assert sorted(covered) == sorted(id(p) for p in model.parameters() if p.requires_grad), \
+        "every trainable parameter must be in exactly one optimiser group"
+    return optimizers
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int = 0, warmdown_ratio: float = 0.2,

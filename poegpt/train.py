@@ -8,6 +8,10 @@ model, optimiser, schedule position, data position and every RNG state. Metrics 
 
 A run can be cut into chunks (`stop_at`): each invocation trains up to that step, saves and exits;
 `resume` picks the newest complete checkpoint and carries on with the saved arguments.
+
+A run may start from a checkpoint instead of a fresh init (`init_from`, with its config and an
+optional re-cut of the stage layout) and train only part of the model (`trainable`, see
+`optim.freeze`): this is `poegpt adapt` (adapt.py), the same loop.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (checkpoints_in, load_state, load_training_state, prune_checkpoints, read_meta,
-                         write_checkpoint, STEP_PREFIX)
+from .checkpoint import (checkpoints_in, load_initial_state, load_state, load_training_state, prune_checkpoints,
+                         read_meta, write_checkpoint, STEP_PREFIX)
 from .distributed import DistInfo, all_reduce_mean, barrier, full_state, init_distributed, parallelize
 from .config import PoEConfig
 from .errors import PoEError
@@ -31,7 +35,7 @@ from .evaluate import stream_metrics
 from .hardware import resolve_dtype_name, set_threads
 from .model import PoEModel
 from .objectives import PoELoss
-from .optim import build_optimizers, set_schedule
+from .optim import build_optimizers, check_trainable, freeze, set_schedule
 
 
 @dataclass
@@ -40,7 +44,7 @@ class TrainArgs:
     out: str                                    # run directory: checkpoints/, metrics.jsonl, bpb.png
     preset: str | None = "tiny"                 # or depth
     depth: int | None = None
-    sequence_len: int | None = None             # override the preset's context
+    sequence_len: int | None = None             # override the preset's context (init_from: the row length, <= its context)
     objective: str = "residual_logop"
     local_weight: float = 0.0
     stage_grad: str = "through"
@@ -65,15 +69,29 @@ class TrainArgs:
     compile_loss: bool = False                  # torch.compile the chunked loss (2.2x on CPU at V=8192)
     parallel: str = "ddp"                       # under torchrun: ddp | fsdp
     progress: bool = True
+    init_from: str | None = None                # start from this checkpoint (or run): its weights and config
+    stages: list[int] | None = None             # with init_from: re-cut its stage layout
+    trainable: str = "all"                      # all | heads | heads+last-layers (optim.freeze)
 
-    def model_config(self, vocab_size: int) -> PoEConfig:
-        overrides = dict(vocab_size=vocab_size, objective=self.objective, local_weight=self.local_weight,
-                         stage_grad=self.stage_grad)
+    def model_config(self, tokenizer) -> PoEConfig:
+        """The config of a new run: the preset's or depth's, or the init checkpoint's (tokenizer checked)."""
+        overrides = dict(objective=self.objective, local_weight=self.local_weight, stage_grad=self.stage_grad)
+        if self.init_from:
+            from .checkpoint import initial_config
+            return initial_config(self.init_from, tokenizer, self.data, self.stages, **overrides)
+        overrides["vocab_size"] = tokenizer.vocab_size
         if self.sequence_len:
             overrides["sequence_len"] = self.sequence_len
         if self.depth is not None:
             return PoEConfig.from_depth(self.depth, **overrides)
         return PoEConfig.from_preset(self.preset or "tiny", **overrides)
+
+    def row_len(self, cfg: PoEConfig) -> int:
+        """Tokens per training row: the model's context, or fewer (a run started from a checkpoint)."""
+        n = self.sequence_len or cfg.sequence_len
+        if n > cfg.sequence_len:
+            raise PoEError(f"--sequence-len {n} is longer than the model's context of {cfg.sequence_len}")
+        return n
 
 
 def resolve_device(name: str) -> torch.device:
@@ -108,8 +126,9 @@ def measure_peak_flops(device: torch.device, dtype: str, n: int = 1024) -> float
 def validation_metrics(model, args: TrainArgs, tokenizer, token_bytes, device, amp, root=None) -> dict:
     """Validation BPB and friends; `root` is the module FSDP sharded (the step module), gathered here."""
     from .data import TokenLoader
-    loader = TokenLoader(args.data, "val", args.batch_size, model.config.sequence_len, case_aug_p=0.0)
-    n_batches = max(1, args.eval_tokens // (args.batch_size * model.config.sequence_len))
+    T = args.row_len(model.config)
+    loader = TokenLoader(args.data, "val", args.batch_size, T, case_aug_p=0.0)
+    n_batches = max(1, args.eval_tokens // (args.batch_size * T))
     batches = (tuple(t.to(device) for t in b) for b in loader.iter_batches(n_batches))
     model.eval()
     root = model if root is None else root
@@ -216,14 +235,16 @@ def _start(args: TrainArgs, resume: bool, stop_at: int | None) -> _Run:
     latest = _latest_checkpoint(run_dir, resume)
     if args.steps < 1 or args.batch_size < 1:
         raise PoEError("--steps and --batch-size must be >= 1")
+    check_trainable(args.trainable)
     device, info, dtype = _device_and_ranks(args)
     tokenizer = Tokenizer.load(args.data)
-    cfg = args.model_config(tokenizer.vocab_size)
+    resumed_from_init = latest is not None and args.init_from   # its config is the run's (the init may be gone)
+    cfg = PoEConfig.load(latest) if resumed_from_init else args.model_config(tokenizer)
     tokens_per_step, accum = _accumulation(args, cfg, info.world_size)
     model, step_model, stage_parallel = _build_model(args, cfg, info, device, dtype, latest)
     optimizers = build_optimizers(model, matrix_lr=args.matrix_lr, unembedding_lr=args.unembedding_lr,
                                   embedding_lr=args.embedding_lr)
-    loader = TokenLoader(args.data, "train", args.batch_size, cfg.sequence_len, tokenizer=tokenizer,
+    loader = TokenLoader(args.data, "train", args.batch_size, args.row_len(cfg), tokenizer=tokenizer,
                          case_aug_p=args.case_aug_p, seed=args.seed,  # stage ranks share each micro-batch
                          rank=0 if stage_parallel else info.rank, world_size=1 if stage_parallel else info.world_size)
     step, last_val = 0, None
@@ -236,10 +257,10 @@ def _start(args: TrainArgs, resume: bool, stop_at: int | None) -> _Run:
         _start_metrics(run_dir, metrics_path, resumed_at=None if latest is None else step)
     token_bytes = torch.tensor(tokenizer.token_byte_lengths(), device=device)
     amp = autocast_for(device, dtype)
-    flops_per_token = model.train_flops_per_token()
+    flops_per_token = train_flops_per_token(model, args.trainable)
     peak = measure_peak_flops(device, dtype)
     end = args.steps if stop_at is None else min(stop_at, args.steps)
-    progress = _Progress(args.progress and info.is_main, step, end, args.steps)
+    progress = _Progress(args.progress and info.is_main, step, end, args.steps, "adapt" if args.init_from else "train")
     return _Run(args=args, run_dir=run_dir, metrics_path=metrics_path, info=info, device=device, cfg=cfg,
                 tokenizer=tokenizer, model=model, step_model=step_model, stage_parallel=stage_parallel,
                 optimizers=optimizers, loader=loader, accum=accum, tokens_per_step=tokens_per_step, step=step,
@@ -269,7 +290,7 @@ def _device_and_ranks(args: TrainArgs):
 def _accumulation(args: TrainArgs, cfg: PoEConfig, world_size: int) -> tuple[int, int]:
     """(tokens per optimiser step, micro-batches per step on each rank)."""
     data_ranks = 1 if args.parallel == "stage" else world_size
-    micro_tokens = args.batch_size * cfg.sequence_len * data_ranks        # one micro-step over all ranks
+    micro_tokens = args.batch_size * args.row_len(cfg) * data_ranks        # one micro-step over all ranks
     tokens_per_step = args.tokens_per_step or micro_tokens
     if tokens_per_step % micro_tokens:
         raise PoEError(f"--tokens-per-step ({tokens_per_step}) must be a multiple of batch_size × sequence_len × "
@@ -284,6 +305,9 @@ def _build_model(args: TrainArgs, cfg: PoEConfig, info: DistInfo, device, dtype:
     model = PoEModel(cfg).to(device, torch.float64 if dtype == "fp64" else torch.float32)
     if latest is not None:
         load_state(latest, model)
+    elif args.init_from:
+        load_initial_state(args.init_from, model)
+    freeze(model, args.trainable)
     stage_parallel = args.parallel == "stage" and info.enabled
     if stage_parallel:
         from .stage_parallel import check_stage_parallel
@@ -291,6 +315,16 @@ def _build_model(args: TrainArgs, cfg: PoEConfig, info: DistInfo, device, dtype:
         return model, model, True
     step_model = parallelize(PoELoss(model), args.parallel, info)   # what the step calls; `model` stays the module
     return model, step_model, False
+
+
+def train_flops_per_token(model: PoEModel, trainable: str) -> float:
+    """Training FLOPs per token (MFU's numerator): forward + backward when everything trains; with the
+    trunk frozen ("heads") the forward plus the trained heads' weight gradients, as no gradient goes
+    back through the trunk. heads+last-layers is counted as a full backward (an overcount)."""
+    if trainable != "heads":
+        return model.train_flops_per_token()
+    cfg = model.config
+    return model.flops_per_token(training=True) / 3 + 2 * (cfg.n_stages - 1) * cfg.padded_vocab_size * cfg.n_embd
 
 
 def _start_metrics(run_dir: Path, metrics_path: Path, resumed_at: int | None) -> None:
@@ -390,11 +424,11 @@ def _save(run: _Run) -> None:
 class _Progress:
     """A bar on a terminal, plain log lines in a log file; nothing unless `enabled` (args.progress, main rank)."""
 
-    def __init__(self, enabled: bool, step: int, end: int, steps: int):
+    def __init__(self, enabled: bool, step: int, end: int, steps: int, desc: str = "train"):
         from tqdm import tqdm
         self.log = enabled
         self.interactive = enabled and sys.stderr.isatty()
-        self.bar = tqdm(total=end, initial=step, disable=not self.interactive, desc="train", dynamic_ncols=True)
+        self.bar = tqdm(total=end, initial=step, disable=not self.interactive, desc=desc, dynamic_ncols=True)
         self.every = max(1, (end - step) // 20)
         self.end, self.steps = end, steps
 
