@@ -1,4 +1,4 @@
-"""The `poegpt` command: a thin argparse layer over the package (SPEC §12).
+"""The `poegpt` command: a thin argparse layer over the package (docs/design.md §10.1).
 
     poegpt info      --preset 1.5b | --depth 12 | --model PATH
     poegpt tokenizer --recipe sample --vocab-size 4096 --out DIR

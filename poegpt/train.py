@@ -1,4 +1,4 @@
-"""Training loop (SPEC §6): one process on a CPU or GPU; `--resume` continues bit for bit.
+"""Training loop (docs/design.md §6): one process on a CPU or GPU; `--resume` continues bit for bit.
 
 Each step accumulates gradients over micro-batches until `tokens_per_step` tokens, then steps
 Muon + AdamW on nanochat's schedule. Every `eval_every` steps it measures validation BPB per stage,
