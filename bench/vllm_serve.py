@@ -38,6 +38,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+from machine import describe, measure  # noqa: E402
 from serve import PROMPTS, drive  # noqa: E402  (bench/serve.py)
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -154,6 +155,8 @@ def main():
     print(f"model: {ckpt} ({a.dtype}), {a.max_tokens} new tokens per request, greedy, loopback; "
           f"vllm overrides {a.vllm_overrides}; {os.cpu_count()} CPU cores, poegpt serve threads {a.poegpt_threads}; median of {a.rounds} interleaved rounds; "
           f"load average at the end {os.getloadavg()[0]:.1f}")
+    machine = measure(flops=False, bw=False)
+    print(describe(machine))
     print(f"{'server':>13}{'conc':>5}{'reqs':>6}{'err':>5}{'tokens':>8}{'sec':>8}{'tok/s':>9}{'req/s':>7}"
           f"{'lat p50':>9}{'p90':>7}{'ttft p50':>10}{'start s':>9}")
     for name, levels in (("poegpt serve", poegpt_levels), ("vllm serve", vllm_levels)):
@@ -167,7 +170,8 @@ def main():
               for p, v in zip(poegpt_levels, vllm_levels)}
     print("throughput ratio vllm / poegpt: " + ", ".join(f"concurrency {k}: {r:.2f}x" for k, r in ratios.items()))
     print(json.dumps({"bench": "vllm_serve", "model": str(ckpt), "dtype": a.dtype, "max_tokens": a.max_tokens,
-                      "rounds": a.rounds, "load_average": os.getloadavg()[0], "poegpt_threads": a.poegpt_threads,
+                      "rounds": a.rounds, "load_average": os.getloadavg()[0], "machine": machine,
+                      "poegpt_threads": a.poegpt_threads,
                       "vllm_overrides": json.loads(a.vllm_overrides), "poegpt": poegpt_levels, "vllm": vllm_levels,
                       "ratio_vllm_over_poegpt": ratios}))
 
