@@ -32,7 +32,22 @@ from .errors import PoEError
 Positions = "int | torch.Tensor"  # one start position for every row, or (B, T) absolute positions
 
 
-class KVCache:
+class RowLengths:
+    """The contract's per-row token counts: `lengths` (read-only) and `advance`, over `_lengths`.
+    Every cache form derives from it, so no form writes its counts another way."""
+    _lengths: list[int]
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        return tuple(self._lengths)
+
+    def advance(self, n) -> None:
+        """Row b now holds n (an int) or n[b] more tokens."""
+        ns = [n] * len(self._lengths) if isinstance(n, int) else list(n)
+        self._lengths = [a + b for a, b in zip(self._lengths, ns)]
+
+
+class KVCache(RowLengths):
     """Preallocated keys/values per layer (gpt-fast style): k[i], v[i] of shape (B, G, max_len, D),
     plus every position's normed token embedding (B, max_len, d)."""
 
@@ -57,10 +72,6 @@ class KVCache:
 
     # --- lengths: written here only ----------------------------------------------------------------
     @property
-    def lengths(self) -> tuple[int, ...]:
-        return tuple(self._lengths)
-
-    @property
     def batch_size(self) -> int:
         return len(self._lengths)
 
@@ -70,11 +81,6 @@ class KVCache:
         if len(lengths) != len(self._lengths) or any(not 0 <= n <= self.max_len for n in lengths):
             raise PoEError(f"cache lengths must be {len(self._lengths)} counts in 0..{self.max_len}, got {lengths}")
         self._lengths = lengths
-
-    def advance(self, n) -> None:
-        """Row b now holds n (an int) or n[b] more tokens."""
-        ns = [n] * len(self._lengths) if isinstance(n, int) else list(n)
-        self._lengths = [a + b for a, b in zip(self._lengths, ns)]
 
     def rollback(self, row: int, length: int) -> None:
         """Row `row` keeps its first `length` tokens; later entries sit past the end, unread, until

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ...cache import RowLengths
 from ...config import PoEConfig
 from ...engine import StageMix
 from ...errors import PoEError
@@ -189,7 +190,7 @@ class PagedLayer:
                            "disagrees with vLLM's slot mapping); this vLLM version is not supported")
 
 
-class PagedCache:
+class PagedCache(RowLengths):
     """poegpt's cache contract over vLLM's paged cache, for one forward of a flat batch.
 
     The contract's rows are the batch's requests (`lengths`: the tokens each held before this
@@ -203,6 +204,7 @@ class PagedCache:
     def __init__(self, batch: FlatBatch | None, positions: torch.Tensor,
                  layer: Callable[[str, int], PagedLayer] | None = None, kernel: Callable | None = None):
         self.batch, self._positions, self._layer, self.kernel = batch, positions, layer, kernel
+        # vLLM keeps the real counts; these move (advance) for the contract's sake only
         self._lengths = [] if batch is None else [L - T for _, _, T, L in batch.requests()]
         self._layers: dict[tuple[str, int], PagedLayer] = {}
 
@@ -211,15 +213,6 @@ class PagedCache:
         if (kind, i) not in self._layers:
             self._layers[kind, i] = self._layer(kind, i)
         return self._layers[kind, i]
-
-    @property
-    def lengths(self) -> tuple[int, ...]:
-        return tuple(self._lengths)
-
-    def advance(self, n) -> None:
-        """vLLM keeps the real counts; these move for the contract's sake only."""
-        ns = [n] * len(self._lengths) if isinstance(n, int) else list(n)
-        self._lengths = [a + b for a, b in zip(self._lengths, ns)]
 
     def positions(self, T: int, device) -> torch.Tensor:
         if T != self._positions.numel():

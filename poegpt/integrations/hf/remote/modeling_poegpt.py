@@ -34,7 +34,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ....api import PoEGPT
-from ....cache import predecessors
+from ....cache import RowLengths, predecessors
 from ....config import Calibration
 from ....engine import StageMix
 from ....errors import PoEError
@@ -55,7 +55,7 @@ def check_cache(cache) -> None:
         raise PoEError(f"poegpt needs a DynamicCache (cache_implementation None or 'dynamic'), got {type(cache).__name__}")
 
 
-class CacheView:
+class CacheView(RowLengths):
     """poegpt's cache contract (`cache.py`) over a transformers `Cache`.
 
     The transformers cache appends every row's new slots in arrival order, so the rows hold equal
@@ -76,14 +76,8 @@ class CacheView:
             while len(cache.layers) <= n_layer:   # a cache built from the config has no slot for the embeddings yet
                 cache.layers.append(DynamicLayer())
 
-    @property
-    def lengths(self) -> tuple[int, ...]:
-        return tuple(self._lengths)
-
     def advance(self, n) -> None:
-        """Every row now holds n (an int) or n[b] more tokens."""
-        ns = [n] * len(self._lengths) if isinstance(n, int) else list(n)
-        self._lengths = [a + b for a, b in zip(self._lengths, ns)]
+        super().advance(n)
         self._positions = None      # a padded forward's positions were for its own tokens only
 
     def positions(self, T: int, device):
