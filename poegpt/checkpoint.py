@@ -143,14 +143,19 @@ def resolve_checkpoint(path) -> Path:
     return ckpts[-1]
 
 
-def _read_state(path) -> dict[str, torch.Tensor]:
-    f = Path(path) / MODEL_FILE
+def read_tensors(f: Path, missing: str = "", corrupt: str = "") -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, or one PoEError line saying it is missing or unreadable
+    (`missing` / `corrupt`: what that means for the caller, appended to the message)."""
     try:
         return load_file(f)
     except FileNotFoundError:
-        raise PoEError(f"{f} is missing; the checkpoint is incomplete") from None
+        raise PoEError(f"{f} is missing{missing}") from None
     except (SafetensorError, OSError) as e:
-        raise PoEError(f"{f} is not a readable safetensors file ({e}); the checkpoint is corrupt") from None
+        raise PoEError(f"{f} is not a readable safetensors file ({e}){corrupt}") from None
+
+
+def _read_state(path) -> dict[str, torch.Tensor]:
+    return read_tensors(Path(path) / MODEL_FILE, "; the checkpoint is incomplete", "; the checkpoint is corrupt")
 
 
 def load_state(path, model, state: dict | None = None) -> None:

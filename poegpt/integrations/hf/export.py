@@ -146,17 +146,6 @@ def _check_state(state: dict, cfg, where) -> None:
         raise PoEError(f"{where} does not match its config (first difference: {diff[0]}); it is corrupt or mixed up")
 
 
-def _load_tensors(f: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    try:
-        return load_file(f)
-    except FileNotFoundError:
-        raise PoEError(f"{f} is missing") from None
-    except (SafetensorError, OSError) as e:
-        raise PoEError(f"{f} is not a readable safetensors file ({e})") from None
-
-
 def _param_counts(cfg) -> dict:
     import torch
     from ...model import PoEModel as PoEGPT
@@ -170,7 +159,7 @@ def export_hf(checkpoint, out_dir, eval_dir=None, force: bool = False, dtype: st
     import torch
     from safetensors.torch import save_file
     from transformers import GenerationConfig
-    from ...checkpoint import META_FILE, MODEL_FILE, read_meta, resolve_checkpoint
+    from ...checkpoint import META_FILE, MODEL_FILE, read_meta, read_tensors, resolve_checkpoint
     from ...config import PoEConfig
     from ...fileio import atomic_directory_write
     from ...tokenizer import TOKENIZER_FILE, Tokenizer
@@ -185,7 +174,7 @@ def export_hf(checkpoint, out_dir, eval_dir=None, force: bool = False, dtype: st
     if dtype not in cast:
         raise PoEError(f"dtype must be fp32 or bf16 (or left out to keep the checkpoint's), got {dtype!r}")
     cfg = PoEConfig.load(ckpt)
-    state = _load_tensors(ckpt / MODEL_FILE)
+    state = read_tensors(ckpt / MODEL_FILE)
     _check_state(state, cfg, ckpt / MODEL_FILE)
     if cast[dtype] is not None:
         state = {k: v.to(cast[dtype]) if v.is_floating_point() else v for k, v in state.items()}
@@ -227,7 +216,7 @@ def export_hf(checkpoint, out_dir, eval_dir=None, force: bool = False, dtype: st
 def import_hf(folder, out_dir, force: bool = False) -> Path:
     """Turn an exported folder back into a poegpt checkpoint (weights, config, tokenizer, calibration)."""
     _need_hf()
-    from ...checkpoint import write_checkpoint
+    from ...checkpoint import read_tensors, write_checkpoint
     from .remote.configuration_poegpt import PoEGPTConfig
 
     folder = Path(folder)
@@ -244,7 +233,7 @@ def import_hf(folder, out_dir, force: bool = False) -> Path:
     _check_out(out, force, protect=folder)
     hf_config = PoEGPTConfig(**{k: v for k, v in raw.items() if k != "model_type"})
     cfg = hf_config.to_poe_config()
-    tensors = _load_tensors(folder / "model.safetensors")
+    tensors = read_tensors(folder / "model.safetensors")
     if any(not k.startswith(WEIGHT_PREFIX) for k in tensors):
         raise PoEError(f"{folder / 'model.safetensors'} has tensors outside `{WEIGHT_PREFIX}*`; it was not written by export-hf")
     state = {k[len(WEIGHT_PREFIX):]: v for k, v in tensors.items()}
