@@ -71,10 +71,6 @@ class KVCache(RowLengths):
         return view
 
     # --- lengths: written here only ----------------------------------------------------------------
-    @property
-    def batch_size(self) -> int:
-        return len(self._lengths)
-
     def reset(self, lengths: list[int] | None = None) -> None:
         """Every row holds `lengths[b]` tokens (none when None): a new generation in a reused cache."""
         lengths = [0] * len(self._lengths) if lengths is None else [int(n) for n in lengths]
@@ -87,12 +83,6 @@ class KVCache(RowLengths):
         overwritten (speculative decoding's rejected drafts)."""
         if not 0 <= length <= self._lengths[row]:
             raise PoEError(f"cannot roll row {row} back to {length} tokens: it holds {self._lengths[row]}")
-        self._lengths[row] = length
-
-    def set_length(self, row: int, length: int) -> None:
-        """Row `row` holds `length` tokens (its slots are written by a pass that runs it further)."""
-        if not 0 <= length <= self.max_len:
-            raise PoEError(f"row length must be in 0..{self.max_len}, got {length}")
         self._lengths[row] = length
 
     # --- where tokens go ---------------------------------------------------------------------------

@@ -180,9 +180,6 @@ class ModeSpec:
     def entry(self) -> Mode:
         return MODES[self.mode]
 
-    def as_dict(self) -> dict:
-        return dict(self.args)
-
     def check(self, model) -> None:
         """Raise one PoEError if a value is out of range for this model."""
         self.entry.check(self, model)
