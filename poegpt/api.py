@@ -55,15 +55,16 @@ class PoEGPT(PoEModel):
         out, gen = self._run(ids, spec, max_new_tokens, eos_token_id=eos_token_id)
         return (out, gen.stages_used) if return_stages_used else out
 
-    def generate_speculative(self, ids, draft_stage: int = 0, k_draft: int | str = 3, max_new_tokens: int = 32,
+    def generate_speculative(self, ids, draft_stage: int | str = 0, k_draft: int | str = 3, max_new_tokens: int = 32,
                              return_acceptance: bool = False, do_sample: bool = False, temperature: float = 1.0,
                              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                             eos_token_id: int | None = None, verifier: str = "poe"):
-        """Self-speculative decoding: stages 0..draft_stage draft k_draft tokens, the rest verifies.
-        Greedy output equals full-PoE greedy, or with verifier="dense" stage K-1's greedy
-        (`generate_stage(ids, K-1)`); sampling follows that distribution exactly.
-        Returns ids, or (ids, acceptance rate) with return_acceptance."""
-        spec = ModeSpec("speculative", draft_stage=draft_stage, k_draft=k_draft, verifier=verifier)
+                             eos_token_id: int | None = None, verifier: str = "poe", fallback: str = "auto"):
+        """Self-speculative decoding: stages 0..draft_stage draft k_draft tokens, the rest verifies
+        ("auto" for either: chosen by the cost model; fallback="auto" takes a plain step where drafting
+        would not pay, "never" always drafts). Greedy output equals full-PoE greedy, or with
+        verifier="dense" stage K-1's greedy (`generate_stage(ids, K-1)`); sampling follows that
+        distribution exactly. Returns ids, or (ids, acceptance rate) with return_acceptance."""
+        spec = ModeSpec("speculative", draft_stage=draft_stage, k_draft=k_draft, verifier=verifier, fallback=fallback)
         out, gen = self._run(ids, spec, max_new_tokens, do_sample, temperature, top_k, top_p, seed, eos_token_id)
         return (out, gen.acceptance) if return_acceptance else out
 

@@ -218,6 +218,8 @@ def cmd_generate(a) -> None:
             info += f", stages used {gen.stages_used[0]}"
         if gen.drafted:
             info += f", acceptance {gen.acceptance:.2f}"
+        if gen.extra.get("plain_steps"):
+            info += f", {gen.extra['plain_steps']} plain steps (drafting would not pay)"
         print(info + "]", file=sys.stderr)
 
 

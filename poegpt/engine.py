@@ -92,8 +92,12 @@ class StageMix:
         """Log-OP log-probs (..., V) of the selected stages from the trunk's boundary states
         (`heads`: the selected stages' summed head weights, when the caller holds them)."""
         heads = [None] * len(self.stages) if heads is None else heads
-        logps = [F.log_softmax(model.stage_logits(hs[k], k, w), -1) for k, w in zip(self.stages, heads)]
-        return logop(logps, self.weights, self.alpha if self.weights is None else 0.0)
+        logps = {k: F.log_softmax(model.stage_logits(hs[k], k, w), -1) for k, w in zip(self.stages, heads)}
+        return self.combine(logps)
+
+    def combine(self, logps) -> torch.Tensor:
+        """Log-OP of the selected stages from per-stage log-probs (indexed by stage: a list or a dict)."""
+        return logop([logps[k] for k in self.stages], self.weights, self.alpha if self.weights is None else 0.0)
 
 
 def check_stage(stage, K: int, name: str) -> None:

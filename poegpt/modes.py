@@ -22,7 +22,7 @@ import torch
 
 from .engine import Generation, Sampling, StageMix, decode_static, to_rows
 from .errors import PoEError
-from .speculative import (AUTO_MAX_DRAFT, DEFAULT_AUTO_THRESHOLD, VERIFIERS, check_speculative_args, speculative_steps,
+from .speculative import (AUTO_DRAFTS, FALLBACKS, VERIFIERS, check_speculative_args, speculative_steps,
                           verifier_mix)
 from .wand import check_bounds, wand_steps
 
@@ -336,22 +336,23 @@ register(Mode("wand", "stage by stage until the margin beats the calibrated boun
 # --- self-speculative decoding ---------------------------------------------------------------------------
 
 def _speculative_run(model, rows, spec, max_new_tokens, sampling, eos_token_id, gen):
-    threshold = model.calibration.draft_threshold(spec.draft_stage, DEFAULT_AUTO_THRESHOLD)
     return speculative_steps(model, rows, spec.draft_stage, spec.k_draft, max_new_tokens, sampling, eos_token_id,
-                             threshold, gen, spec.verifier)
+                             gen, spec.verifier, spec.fallback)
 
 
 def _speculative_report(spec, gen, config, tokens: int) -> dict:
     drafted, accepted, passes = (gen.drafted, gen.accepted, gen.passes) if gen is not None else (0, 0, 0)
+    plain = gen.extra.get("plain_steps", 0) if gen is not None else 0
     return {"mode": "speculative", "n_layer": config.n_layer, "tokens": tokens, "draft_stage": spec.draft_stage,
-            "k_draft": spec.k_draft, "verifier": spec.verifier, "acceptance_rate": accepted / drafted if drafted else 0.0,
-            "drafted": drafted, "accepted": accepted, "passes": passes, "tokens_per_pass": tokens / max(passes, 1)}
+            "k_draft": spec.k_draft, "verifier": spec.verifier, "fallback": spec.fallback,
+            "acceptance_rate": accepted / drafted if drafted else 0.0, "drafted": drafted, "accepted": accepted,
+            "passes": passes, "plain_steps": plain, "tokens_per_pass": tokens / max(passes, 1)}
 
 
 def _speculative_merge(reports: list[dict]) -> dict:
     out = dict(reports[0])
     out["tokens"] = tokens = sum(r["tokens"] for r in reports)
-    for key in ("drafted", "accepted", "passes"):
+    for key in ("drafted", "accepted", "passes", "plain_steps"):
         out[key] = sum(r[key] for r in reports)
     out["acceptance_rate"] = out["accepted"] / out["drafted"] if out["drafted"] else 0.0
     out["tokens_per_pass"] = tokens / max(out["passes"], 1)
@@ -359,16 +360,20 @@ def _speculative_merge(reports: list[dict]) -> dict:
 
 
 register(Mode("speculative", "stages <= d draft, the rest verifies in one pass (output = full PoE, or the "
-                             "last stage alone with verifier dense)",
+                             "last stage alone with verifier dense); plain steps where drafting would not pay",
               _speculative_run, _speculative_report,
-              lambda cfg, cal: [("speculative d0 auto", {"draft_stage": 0, "k_draft": "auto"})],
-              (Field("draft_stage", "int", "last draft stage", default=0),
-               Field("k_draft", "int_or_auto", f"draft length, or auto (up to {AUTO_MAX_DRAFT})", default=3),
+              lambda cfg, cal: [("speculative auto", {"draft_stage": "auto", "k_draft": "auto"})],
+              (Field("draft_stage", "int_or_auto", "last draft stage, or auto (chosen by the cost model)", default=0),
+               Field("k_draft", "int_or_auto", f"draft length, or auto (one of {', '.join(map(str, AUTO_DRAFTS))}, "
+                     "chosen by the cost model)", default=3),
                Field("verifier", "choice", "what verifies and so what the output follows: poe (full PoE) or dense "
-                     "(the last stage alone: an imported nanochat model)", default="poe", choices=VERIFIERS)),
+                     "(the last stage alone: an imported nanochat model)", default="poe", choices=VERIFIERS),
+               Field("fallback", "choice", "auto: a plain step of the verifier whenever the measured pass costs say "
+                     "drafting would not pay; never: always draft", default="auto", choices=FALLBACKS)),
               check=lambda spec, model: check_speculative_args(model.config.n_stages, spec.draft_stage, spec.k_draft,
-                                                               spec.verifier),
+                                                               spec.verifier, spec.fallback),
               merge=_speculative_merge,
               target=lambda spec, cfg: verifier_mix(cfg.n_stages, spec.verifier, cfg.poe_alpha),
               sweep=lambda cfg, cal: [(f"speculative d{d} k{k}", {"draft_stage": d, "k_draft": k})
-                                      for d in range(cfg.n_stages - 1) for k in (3, "auto")]))
+                                      for d in range(cfg.n_stages - 1) for k in (3, "auto")]
+              + [("speculative auto", {"draft_stage": "auto", "k_draft": "auto"})]))

@@ -4,8 +4,10 @@ The draft is the prefix PoE of stages 0..d. It runs layers 0..b_d one token at a
 KV cache the verifier uses (one cache, no second model). The verifier then runs layers b_d+1..L-1
 over the pending token and all drafted tokens in one pass, forms the full-PoE distribution at each
 position, and accepts the longest agreeing prefix plus one token of its own (the correction, or the
-bonus when every draft was accepted). Rejected positions are rolled back by shortening the row's
-cache length: their entries sit past the end and are overwritten before anything reads them.
+bonus when every draft was accepted). Rows of a batch accept different numbers of drafts: each row
+commits its own count and its rejected positions sit past its cache length, overwritten before
+anything reads them. A cycle (k+1 draft passes, one verify pass, the acceptance) runs on the device
+with fixed shapes; the host reads the emitted tokens once per cycle.
 
 Greedy: a draft is accepted iff it is the full-PoE argmax, so the output equals full greedy.
 Sampling: a draft d drawn from q is accepted with probability min(1, p(d)/q(d)); on rejection
@@ -16,23 +18,43 @@ The verifier is full PoE (`verifier="poe"`) or the last stage alone (`verifier="
 model a nanochat import is, kept exact by `poegpt adapt --train heads`); p above is then stage K-1's
 distribution, so greedy output equals `generate_stage(ids, K-1)` and sampling follows stage K-1's.
 
-`k_draft="auto"` drafts until the draft's own top-1 probability falls below a confidence threshold
-(calibrated by `poegpt calibrate`; EAGLE-2 / Draft&Verify style), at most `AUTO_MAX_DRAFT` tokens.
+Adaptive, never losing (`fallback="auto"`, the default): before every cycle a cost model compares
+speculating k tokens, at τ(α, k) = (1 − α^{k+1}) / (1 − α) expected tokens per row for a cycle of
+(k+1)·c_draft + c_verify(k), with a plain step of the verifier (one token per c_plain); it takes
+the faster, so a configuration that would lose decodes plainly instead. The c's are the measured
+pass costs (the best wall time seen of each pass at this batch size, kept per model, so measured
+once per process); α is this generation's running acceptance, its prior the agreement of the draft
+stage with the verifier measured by every earlier verify pass. `k_draft="auto"` also picks k, and
+`draft_stage="auto"` the draft stage, from the same model. The output is the same whichever plan
+runs (greedy: identical tokens; sampling: exactly the verifier's distribution at every token); only
+a seeded sampled generation keeps one fixed plan, so that its seed reproduces it.
 """
 
 from __future__ import annotations
 
+import math
+import time
+import weakref
+from dataclasses import dataclass, field
+
 import torch
+import torch.nn.functional as F
 
 from .cache import new_cache
 from .engine import (Generation, Sampling, StageMix, cached_step, check_prompts, compiled, fast_path, one_row_matmuls,
-                     sampling_logprobs, step_slots, to_rows)
+                     pick, sampling_logprobs, step_slots, to_rows)
 from .errors import PoEError
 from .model import TrunkState
 
 AUTO_MAX_DRAFT = 8
-DEFAULT_AUTO_THRESHOLD = 0.5
+AUTO_DRAFTS = (1, 2, 3, 4, 6, 8)   # the lengths k_draft="auto" picks from (the fast path compiles a verify per length)
+FIRST_K = 3                        # auto's first cycle, before any cost is measured
 VERIFIERS = ("poe", "dense")
+FALLBACKS = ("auto", "never")
+PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.6, 4.0   # a draft stage's agreement before any verify measured it, worth 4 drafts
+FORGET = 0.9                       # per cycle: the running acceptance follows the text being written
+PROBE_EVERY = 32                   # plain steps between two probe cycles (k = 1) that re-measure the acceptance
+MEASURE = 8                        # timed calls per pass shape; after that no pass is timed (no host sync)
 
 
 def verifier_mix(K: int, verifier: str, alpha: float = 0.0) -> StageMix:
@@ -40,123 +62,283 @@ def verifier_mix(K: int, verifier: str, alpha: float = 0.0) -> StageMix:
     return StageMix.single(K, K - 1) if verifier == "dense" else StageMix.full(K, alpha)
 
 
-def _positions(lengths: list[int], offset: int, T: int, device) -> torch.Tensor:
+def _positions(lengths, offset: int, T: int, device) -> torch.Tensor:
     return torch.tensor(lengths, device=device)[:, None] + offset + torch.arange(T, device=device)
 
 
+def expected_tokens(alpha: float, k: int) -> float:
+    """τ(α, k): tokens a row emits per cycle of k drafts accepted each with probability α (plus the verifier's own)."""
+    return k + 1.0 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
 class SpeculativeStep:
-    """The draft and verify passes at fixed shapes, for `torch.compile` (as the engine's DecodeStep):
-    a full-view cache (every row writes at its own device positions and attends over every slot
-    under a position mask) and the summed head weights taken once. The draft pass is one token per
-    row through stages 0..d; the verify pass is k+1 tokens per row through the rest, then the
-    verifier's log-probs (full PoE, or stage K-1 alone). A pass of another length (the last one of a
-    generation near the cache end, or an early-stopped `k_draft="auto"` draft) runs the same code
-    eagerly on the same cache.
+    """The passes of self-speculative decoding at fixed shapes over one cache, for `torch.compile`
+    (as the engine's DecodeStep): a full-view cache (every row writes at its own device positions
+    and attends over every slot under a position mask) and the summed head weights taken once.
+    `draft(d)`: one token per row through stages 0..d; `verify(d)`: k+1 tokens per row through the
+    rest, then the verifier's log-probs (full PoE, or stage K-1 alone) and, for a full-PoE verifier,
+    how often each prefix of stages agrees with it; `plain`: one token through every stage (the
+    fallback). Every draft stage shares the cache, so a generation may change stage between cycles.
+    Passes compile on first use (a verify per k; a k outside `compiled_ks` runs the same code eagerly).
     Without `compile_decode` the same passes run eagerly on a cache sized to the generation."""
 
-    def __init__(self, model, draft_stage: int, batch: int, max_len: int, backend: str | None,
-                 full_view: bool = True, verifier: str = "poe"):
+    def __init__(self, model, batch: int, max_len: int, backend: str | None, full_view: bool = True,
+                 verifier: str = "poe", compiled_ks: tuple[int, ...] = ()):
         K = model.config.n_stages
-        self.model, self.d = model, draft_stage
+        self.model, self.backend, self.compiled_ks = model, backend, set(compiled_ks)
         self.cache = new_cache(model, batch, max_len)
         self.cache.full_view = full_view
-        self.draft_mix = StageMix(tuple(range(draft_stage + 1)))
         self.verify_mix = verifier_mix(K, verifier, model.config.poe_alpha)
+        self.agreement = verifier == "poe"
         self.heads = [model.head_weight(j) for j in range(K)]
-        self.fast_draft, self.fast_verify = compiled(self.draft, backend), compiled(self.verify, backend)
+        self._draft, self._verify = {}, {}
+        self.plain = compiled(self._plain, backend)
 
-    def draft(self, tok: torch.Tensor, pos: torch.Tensor):
-        """tok (B,) at pos (B,) through the draft stages: (x, x0, x_mid, boundary outputs, draft log-probs (B, V))."""
-        idx, p = tok[:, None], pos[:, None]
-        state, hs = self.model.walk(idx, None, 0, self.d + 1, p, self.cache)
-        q = self.draft_mix.logprobs(self.model, [h[:, -1] for h in hs], self.heads[: self.d + 1])
+    def draft(self, d: int):
+        if d not in self._draft:
+            self._draft[d] = compiled(lambda tok, pos: self._draft_pass(d, tok, pos), self.backend)
+        return self._draft[d]
+
+    def verify(self, d: int, k: int):
+        key = (d, k in self.compiled_ks)
+        if key not in self._verify:
+            fn = lambda *args: self._verify_pass(d, *args)   # noqa: E731
+            self._verify[key] = compiled(fn, self.backend) if key[1] else fn
+        return self._verify[key]
+
+    def _draft_pass(self, d: int, tok: torch.Tensor, pos: torch.Tensor):
+        """tok (B,) at pos (B,) through stages 0..d: (x, x0, x_mid, boundary outputs, draft log-probs (B, V))."""
+        state, hs = self.model.walk(tok[:, None], None, 0, d + 1, pos[:, None], self.cache)
+        q = StageMix(tuple(range(d + 1))).logprobs(self.model, [h[:, -1] for h in hs], self.heads[: d + 1])
         return state.x, state.x0, state.x_mid, hs, q
 
-    def verify(self, x, x0, x_mid, shallow: list[torch.Tensor], idx: torch.Tensor, pos: torch.Tensor):
-        """The remaining stages over idx (B, T) at pos (B, T): the verifier's log-probs (B, T, V)."""
-        _, deep = self.model.walk(idx, TrunkState(x, x0, x_mid), self.d + 1, self.model.config.n_stages, pos,
-                                  self.cache)
+    def _verify_pass(self, d: int, x, x0, x_mid, shallow: list[torch.Tensor], idx: torch.Tensor, pos: torch.Tensor):
+        """Stages d+1.. over idx (B, T) at pos (B, T): the verifier's log-probs (B, T, V) and, per draft
+        stage d' < K-1, how many of the B·T positions its prefix argmax equals the verifier's (K-1,)."""
+        K = self.model.config.n_stages
+        _, deep = self.model.walk(idx, TrunkState(x, x0, x_mid), d + 1, K, pos, self.cache)
+        hs, mix = shallow + deep, self.verify_mix
+        if not self.agreement:
+            return mix.logprobs(self.model, hs, [self.heads[j] for j in mix.stages]), None
+        logps = [F.log_softmax(self.model.stage_logits(hs[j], j, self.heads[j]), -1) for j in range(K)]
+        p = mix.combine(logps)
+        top = p.argmax(-1)
+        prefix = torch.stack(logps[:-1]).cumsum(0).argmax(-1)                  # (K-1, B, T): Log-OP argmax of 0..d'
+        return p, (prefix == top).flatten(1).sum(1)
+
+    def _plain(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        _, hs = self.model.walk(tok[:, None], None, 0, self.model.config.n_stages, pos[:, None], self.cache)
         mix = self.verify_mix
-        return mix.logprobs(self.model, shallow + deep, [self.heads[k] for k in mix.stages])
+        return mix.logprobs(self.model, [h[:, -1] for h in hs], [self.heads[j] for j in mix.stages])
 
 
-def accept(p: torch.Tensor, idx: torch.Tensor, draft_logps: list[torch.Tensor], draft_len: torch.Tensor,
-           sampling: Sampling, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: how many drafts are accepted (m), and the verifier's own next token.
+@dataclass
+class PassCosts:
+    """What the cost model knows of one model at one batch size and verifier: the best wall time seen
+    of each pass ("plain"; ("draft", d); ("verify", d, k)), and each draft stage's agreement with the
+    verifier counted by the verify passes. The first call of a pass shape is not counted (it compiles)."""
+    seconds: dict = field(default_factory=dict)
+    calls: dict = field(default_factory=dict)
+    agree: dict = field(default_factory=dict)         # d -> [agreeing positions, positions]
+
+    def timing(self, key) -> bool:
+        return self.calls.get(key, 0) <= MEASURE
+
+    def note(self, key, seconds: float) -> None:
+        self.calls[key] = self.calls.get(key, 0) + 1
+        if self.calls[key] > 1:
+            self.seconds[key] = min(self.seconds.get(key, math.inf), seconds)
+
+    def note_agreement(self, counts: list[int], positions: int) -> None:
+        for d, n in enumerate(counts):
+            a = self.agree.setdefault(d, [0.0, 0.0])
+            a[0], a[1] = a[0] + n, a[1] + positions
+
+    def agreement(self, d: int) -> float:
+        a, n = self.agree.get(d, (0.0, 0.0))
+        return (a + PRIOR_WEIGHT * PRIOR_ACCEPTANCE) / (n + PRIOR_WEIGHT)
+
+
+_COSTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def pass_costs(model, key: tuple) -> PassCosts:
+    """The model's cost record for `key` (fast path or eager, batch size, verifier, dtype)."""
+    return _COSTS.setdefault(model, {}).setdefault(key, PassCosts())
+
+
+def _weight_share(model, d: int, verify: bool) -> float:
+    """The share of a plain step's matmul weights a draft (stages 0..d) or verify (the rest, every head)
+    pass reads: the cost model's guess for a pass not yet timed, scaled by what the timed ones showed."""
+    cfg = model.config
+    b, head = cfg.boundaries, cfg.padded_vocab_size * cfg.n_embd
+    layers = [model._layer_matmul_params(i) for i in range(cfg.n_layer)]
+    total = sum(layers) + cfg.n_stages * head
+    if verify:
+        return (sum(layers[b[d] + 1:]) + cfg.n_stages * head) / total
+    return (sum(layers[: b[d] + 1]) + (d + 1) * head) / total
+
+
+class Planner:
+    """Each cycle's plan: which draft stage, how many drafts, or 0 for a plain step of the verifier."""
+
+    def __init__(self, model, costs: PassCosts, draft_stage, k_draft, adapt: bool):
+        self.model, self.costs, self.adapt = model, costs, adapt
+        self.stages = list(range(model.config.n_stages - 1)) if draft_stage == "auto" else [draft_stage]
+        self.ks = AUTO_DRAFTS if k_draft == "auto" else (k_draft,)
+        self.accepted, self.drafted = 0.0, 0.0          # this generation's running counts (forgetting)
+        self.plain_run = 0
+
+    def alpha(self, d: int) -> float:
+        prior = self.costs.agreement(d)
+        return (self.accepted + PRIOR_WEIGHT * prior) / (self.drafted + PRIOR_WEIGHT)
+
+    def cost(self, key) -> float | None:
+        """Measured seconds of a pass, else the weight-share guess scaled as the measured passes were."""
+        c = self.costs.seconds
+        if key in c:
+            return c[key]
+        plain = c.get(("plain",))
+        if plain is None:
+            return None
+        ratios = [c[k] / (plain * self._share(k)) for k in c if k[0] != "plain"]
+        scale = sum(ratios) / len(ratios) if ratios else 1.0
+        return scale * plain * self._share(key)
+
+    def _share(self, key) -> float:
+        return _weight_share(self.model, key[1], key[0] == "verify")
+
+    def choose(self, room: int) -> tuple[int, int]:
+        """(draft stage, k); k = 0 is a plain step."""
+        d0 = self.stages[0]
+        ks = [k for k in self.ks if k <= room] or ([min(self.ks[0], room)] if room > 0 and len(self.ks) == 1 else [])
+        if not ks:
+            return d0, 0
+        first = (d0, FIRST_K if FIRST_K in ks else ks[0])
+        if not self.adapt:
+            return first
+        plain = self.costs.seconds.get(("plain",))
+        if plain is None:                     # the plain step's cost is the yardstick: time it first
+            return d0, 0
+        best, plan = 1.0 / plain, (d0, 0)
+        for d in self.stages:
+            c_draft = self.cost(("draft", d))
+            for k in ks:
+                c_verify = self.cost(("verify", d, k))
+                if c_draft is None or c_verify is None:
+                    return first
+                rate = expected_tokens(self.alpha(d), k) / ((k + 1) * c_draft + c_verify)
+                if rate > best:
+                    best, plan = rate, (d, k)
+        if plan[1] == 0:
+            self.plain_run += 1
+            if self.plain_run % PROBE_EVERY == 0:   # now and then a short cycle, so the acceptance can recover
+                return min(self.stages, key=lambda d: self.cost(("draft", d)) or 0), min(ks)
+        else:
+            self.plain_run = 0
+        return plan
+
+    def update(self, accepted: int, drafted: int) -> None:
+        self.accepted = FORGET * self.accepted + accepted
+        self.drafted = FORGET * self.drafted + drafted
+
+
+def timed(costs: PassCosts, key, device, fn, *args):
+    """fn(*args), its wall time noted while the pass is still being measured (then, on a GPU, a sync)."""
+    if not costs.timing(key):
+        return fn(*args)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = fn(*args)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    costs.note(key, time.perf_counter() - t0)
+    return out
+
+
+def accept(p: torch.Tensor, idx: torch.Tensor, draft_logps: list[torch.Tensor], sampling: Sampling,
+           generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: how many drafts are accepted (m), and the verifier's own next token; on the device.
 
     p: (B, k+1, V) verifier log-probs at the pending position and each draft; idx: (B, k+1) the pending
     token then the drafts; draft_logps[j]: (B, V) the distribution draft j+1 was drawn from."""
     B, k = idx.size(0), idx.size(1) - 1
     rows = torch.arange(B, device=idx.device)
     drafts = idx[:, 1:]                                                         # (B, k)
-    within = torch.arange(k, device=idx.device)[None] < draft_len[:, None]
     if sampling.greedy:
         ok = drafts == p[:, :k].argmax(-1)
-    elif k:
+    else:
         q = torch.stack(draft_logps, 1)                                         # (B, k, V)
         ratio = (p[:, :k].gather(-1, drafts[..., None]) - q.gather(-1, drafts[..., None])).squeeze(-1).exp()
         ok = torch.rand(B, k, generator=generator, device=idx.device) < ratio  # accept with min(1, p/q)
-    else:
-        ok = within
-    m = (ok & within).long().cumprod(1).sum(1)                                 # (B,)
+    m = ok.long().cumprod(1).sum(1)                                             # (B,)
     p_m = p[rows, m]                                                            # (B, V)
     if sampling.greedy:
         return m, p_m.argmax(-1)
-    probs = p_m.exp()
-    rejected = m < draft_len
-    if bool(rejected.any()):                   # a rejected row draws from the residual max(0, p − q)
-        q_m = torch.stack(draft_logps, 1)[rows, m.clamp(max=k - 1)].exp()
-        resid = (probs - q_m).clamp(min=0)
-        resid = resid / resid.sum(-1, keepdim=True).clamp(min=1e-30)
-        probs = torch.where(rejected[:, None], resid, probs)
+    probs = p_m.exp()                          # a rejected row draws from the residual max(0, p − q)
+    resid = (probs - q[rows, m.clamp(max=k - 1)].exp()).clamp(min=0)
+    resid = resid / resid.sum(-1, keepdim=True).clamp(min=1e-30)
+    probs = torch.where((m < k)[:, None], resid, probs)
     return m, torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def check_speculative_args(K: int, draft_stage, k_draft, verifier: str = "poe") -> None:
-    if isinstance(draft_stage, bool) or not isinstance(draft_stage, int) or not 0 <= draft_stage <= K - 2:
-        raise PoEError(f"draft_stage must be an integer in 0..{K - 2} (below the last stage), got {draft_stage!r}")
+def check_speculative_args(K: int, draft_stage, k_draft, verifier: str = "poe", fallback: str = "auto") -> None:
+    if draft_stage != "auto" and (isinstance(draft_stage, bool) or not isinstance(draft_stage, int)
+                                  or not 0 <= draft_stage <= K - 2):
+        raise PoEError(f"draft_stage must be an integer in 0..{K - 2} (below the last stage) or 'auto', "
+                       f"got {draft_stage!r}")
     if k_draft != "auto" and (isinstance(k_draft, bool) or not isinstance(k_draft, int) or k_draft < 1):
         raise PoEError(f"k_draft must be an integer >= 1 or 'auto', got {k_draft!r}")
     if verifier not in VERIFIERS:
         raise PoEError(f"verifier must be one of {', '.join(VERIFIERS)}, got {verifier!r}")
+    if fallback not in FALLBACKS:
+        raise PoEError(f"fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
 
 
 @torch.no_grad()
-def generate_speculative(model, ids, draft_stage: int = 0, k_draft: int | str = 3, max_new_tokens: int = 32,
-                         sampling: Sampling = Sampling(), eos_token_id: int | None = None,
-                         auto_threshold: float | None = None, verifier: str = "poe") -> Generation:
+def generate_speculative(model, ids, draft_stage: int | str = 0, k_draft: int | str = 3, max_new_tokens: int = 32,
+                         sampling: Sampling = Sampling(), eos_token_id: int | None = None, verifier: str = "poe",
+                         fallback: str = "auto") -> Generation:
     gen = Generation([])
     for _ in speculative_steps(model, to_rows(ids), draft_stage, k_draft, max_new_tokens, sampling, eos_token_id,
-                               auto_threshold, gen, verifier):
+                               gen, verifier, fallback):
         pass
     return gen
 
 
+def _step(model, B: int, capacity: int, k_draft, verifier: str) -> SpeculativeStep:
+    """The model's cached fast-path step for this batch and cache size, or an eager one for this generation."""
+    if fast_path(model) is None:
+        return SpeculativeStep(model, B, capacity, None, full_view=False, verifier=verifier)
+    max_len = step_slots(model, capacity)
+    ks = AUTO_DRAFTS if k_draft == "auto" else (k_draft,)
+    return cached_step(model, ("speculative", B, max_len, verifier, ks),
+                       lambda backend: SpeculativeStep(model, B, max_len, backend, verifier=verifier, compiled_ks=ks))
+
+
 @torch.no_grad()
-def speculative_steps(model, rows: list[list[int]], draft_stage: int, k_draft, max_new_tokens: int,
-                      sampling: Sampling, eos_token_id: int | None, auto_threshold: float | None, gen: Generation,
-                      verifier: str = "poe"):
-    """Yield, per verification pass, each row's newly emitted tokens; `gen` collects tokens and counts."""
+def speculative_steps(model, rows: list[list[int]], draft_stage, k_draft, max_new_tokens: int, sampling: Sampling,
+                      eos_token_id: int | None, gen: Generation, verifier: str = "poe", fallback: str = "auto"):
+    """Yield, per cycle (or plain step), each row's newly emitted tokens; `gen` collects tokens and counts."""
     cfg = model.config
     K = cfg.n_stages
-    check_speculative_args(K, draft_stage, k_draft, verifier)
+    check_speculative_args(K, draft_stage, k_draft, verifier, fallback)
     check_prompts(model, rows, max_new_tokens)
     device = model.rope_cos.device
     B = len(rows)
-    auto = k_draft == "auto"
-    k_max = AUTO_MAX_DRAFT if auto else k_draft
-    threshold = DEFAULT_AUTO_THRESHOLD if auto_threshold is None else auto_threshold
+    k_max = AUTO_MAX_DRAFT if k_draft == "auto" else k_draft
     capacity = min(cfg.sequence_len, max(len(r) for r in rows) + max_new_tokens + k_max)
-    if fast_path(model) is not None:
-        max_len = step_slots(model, capacity)
-        step = cached_step(model, ("speculative", draft_stage, k_max, B, max_len, verifier),
-                           lambda backend: SpeculativeStep(model, draft_stage, B, max_len, backend, verifier=verifier))
-    else:
-        step = SpeculativeStep(model, draft_stage, B, capacity, None, full_view=False, verifier=verifier)
+    step = _step(model, B, capacity, k_draft, verifier)
     cache = step.cache
     cache.reset()                               # from the start, also when the cache is reused
+    fast = fast_path(model) is not None
+    costs = pass_costs(model, (fast, B, verifier, next(model.parameters()).dtype))
+    # a seeded sampled generation keeps one plan: measured costs vary from run to run, its seed must not
+    planner = Planner(model, costs, draft_stage, k_draft, fallback == "auto" and (sampling.greedy or sampling.seed is None))
     generator = sampling.generator(device)
     gen.tokens = [[] for _ in rows]
+    gen.extra = {"plain_steps": 0, "draft_stages": [0] * (K - 1)}
     if max_new_tokens == 0:
         return
 
@@ -170,44 +352,41 @@ def speculative_steps(model, rows: list[list[int]], draft_stage: int, k_draft, m
 
     while any(active):
         room = min(capacity - 1 - n for n, a in zip(cache.lengths, active) if a)
-        k = min(k_max, room)
-        # --- draft: stages 0..d, one token at a time, writing the shared cache ---------------------
-        tokens, states, shallow, draft_logps = [pending], [], [], []
-        confident = torch.ones(B, dtype=torch.bool, device=device)
-        draft_len = torch.zeros(B, dtype=torch.long, device=device)
-        i = 0
-        while True:                             # pass k only readies the last draft for verification
-            pos = _positions(cache.lengths, i, 1, device)[:, 0]
+        d, k = planner.choose(room)
+        if k == 0:   # --- a plain step of the verifier ------------------------------------------------
+            pos = _positions(cache.lengths, 0, 1, device)[:, 0]
             with one_row_matmuls(model, B):
-                x, x0, x_mid, hs, q = step.fast_draft(tokens[-1], pos)
-            states.append(TrunkState(x, x0, x_mid))
-            shallow.append(hs)
-            if i == k:
-                break
-            q = q if sampling.greedy else sampling_logprobs(q, sampling)
-            draft_logps.append(q)
-            tokens.append(q.argmax(-1) if sampling.greedy
-                          else torch.multinomial(q.exp(), 1, generator=generator).squeeze(-1))
-            i += 1
-            if auto:   # a row's draft ends at its first unconfident token; the batch drafts while any row is sure
-                confident &= q.max(-1).values.exp() >= threshold
-                draft_len += confident | (draft_len == 0)
-                if not bool(confident.any()):
-                    k = i
-        if not auto:
-            draft_len = torch.full((B,), k, dtype=torch.long, device=device)
-        # --- verify: the remaining stages over the pending token and the k drafts, in one pass ------
-        idx = torch.stack(tokens, 1)                                            # (B, k+1)
-        pos = _positions(cache.lengths, 0, k + 1, device)
-        state = TrunkState.cat(states)
-        p = (step.fast_verify if k == k_max else step.verify)(                  # (B, k+1, V)
-            state.x, state.x0, state.x_mid, [torch.cat([s[j] for s in shallow], 1) for j in range(draft_stage + 1)],
-            idx, pos)
-        if not sampling.greedy:
-            p = sampling_logprobs(p, sampling)
-        # --- accept: the longest prefix of drafts the verifier agrees with, then one token of its own ---
-        m, last = accept(p, idx, draft_logps, draft_len, sampling, generator)
-        emitted, commit = [[] for _ in range(B)], [0] * B
+                p = timed(costs, ("plain",), device, step.plain, pending, pos)
+            idx, m, last = pending[:, None], torch.zeros(B, dtype=torch.long, device=device), pick(p, sampling, generator)
+            gen.extra["plain_steps"] += 1
+        else:
+            # --- draft: stages 0..d, one token at a time, writing the shared cache ------------------
+            tokens, states, shallow, draft_logps = [pending], [], [], []
+            for i in range(k + 1):              # pass k only readies the last draft for verification
+                pos = _positions(cache.lengths, i, 1, device)[:, 0]
+                with one_row_matmuls(model, B):
+                    x, x0, x_mid, hs, q = timed(costs, ("draft", d), device, step.draft(d), tokens[-1], pos)
+                states.append(TrunkState(x, x0, x_mid))
+                shallow.append(hs)
+                if i < k:
+                    q = q if sampling.greedy else sampling_logprobs(q, sampling)
+                    draft_logps.append(q)
+                    tokens.append(q.argmax(-1) if sampling.greedy
+                                  else torch.multinomial(q.exp(), 1, generator=generator).squeeze(-1))
+            # --- verify: the remaining stages over the pending token and the k drafts, in one pass --
+            idx = torch.stack(tokens, 1)                                        # (B, k+1)
+            state = TrunkState.cat(states)
+            p, agree = timed(costs, ("verify", d, k), device, step.verify(d, k), state.x, state.x0, state.x_mid,
+                             [torch.cat([s[j] for s in shallow], 1) for j in range(d + 1)], idx,
+                             _positions(cache.lengths, 0, k + 1, device))
+            if not sampling.greedy:
+                p = sampling_logprobs(p, sampling)
+            # --- accept: the longest prefix the verifier agrees with, then one token of its own ------
+            m, last = accept(p, idx, draft_logps, sampling, generator)
+            if agree is not None:
+                costs.note_agreement(agree.tolist(), B * (k + 1))
+            gen.extra["draft_stages"][d] += 1
+        emitted, commit, acc = [[] for _ in range(B)], [0] * B, 0
         for r, (m_r, last_r) in enumerate(zip(m.tolist(), last.tolist())):
             if not active[r]:
                 continue
@@ -216,14 +395,17 @@ def speculative_steps(model, rows: list[list[int]], draft_stage: int, k_draft, m
             if eos_token_id in new:
                 new = new[: new.index(eos_token_id) + 1]
             emitted[r] = new
-            gen.drafted += int(draft_len[r])
+            gen.drafted += k
             gen.accepted += m_r
+            acc += m_r
             gen.passes += 1
             gen.tokens[r].extend(new)
             commit[r] = m_r + 1
             pending[r] = last_r
             if len(gen.tokens[r]) >= max_new_tokens or (eos_token_id is not None and eos_token_id in new):
                 active[r] = False
+        if k:
+            planner.update(acc, k * sum(1 for c in commit if c))
         cache.advance(commit)   # the accepted drafts and the verifier's token; rejected slots are overwritten later
         for r in range(B):   # a finished row idles in lockstep at the cache start, where its writes fit
             if not active[r]:

@@ -122,6 +122,7 @@ def test_one_row_matmuls_switches_only_fast_bf16_single_row_steps_and_restores()
 
 def speculative(model, prompts, n, **kw):
     from poegpt.engine import Sampling
+    kw.setdefault("fallback", "never")       # every pass drafted, so the counters compare too
     sampling = Sampling(**{k: kw.pop(k) for k in ("do_sample", "seed", "top_k") if k in kw})
     steps, gen = mode_steps(model, prompts, ModeSpec("speculative", **kw), n, sampling)
     list(steps)
@@ -148,6 +149,8 @@ def test_speculative_fixed_shape_passes_equal_eager(model, draft_stage, k_draft)
         assert speculative(model, prompts, 19, draft_stage=draft_stage, k_draft=k_draft, do_sample=True,
                            seed=4) == want_s
         assert {key[0] for key in fast_path(model).steps} == {"speculative"} and len(fast_path(model).steps) == 2
+        # and with the cost model on (the default): the same greedy tokens whatever it plans
+        assert speculative(model, prompts, 19, draft_stage=draft_stage, k_draft=k_draft, fallback="auto")[0] == full
     finally:
         compile_decode(model, False)
 

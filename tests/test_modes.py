@@ -138,7 +138,7 @@ def test_the_dense_verifier_in_the_cli(capsys):
     generate = build_parser()._subparsers._group_actions[0].choices["generate"]
     assert "speculative: what verifies" in generate._option_string_actions["--verifier"].help
     prompt = "The capital of France is"
-    assert main(["generate", "--mode", "speculative", "--verifier", "dense", "--draft-stage", "1",
+    assert main(["generate", "--mode", "speculative", "--verifier", "dense", "--draft-stage", "1", "--fallback", "never",
                  "--max-new-tokens", "8", "--dtype", "fp32", "--prompt", prompt]) == 0
     out, err = capsys.readouterr()
     assert "[speculative: 8 tokens" in err and "acceptance" in err
