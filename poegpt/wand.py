@@ -32,8 +32,8 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
-from .engine import (DecodeStep, Generation, StageMix, cached_step, check_prompts, fast_path, one_row_matmuls, prefill,
-                     step_slots)
+from .engine import (MAX_STEPS, DecodeStep, Generation, StageMix, cached_step, check_prompts, fast_path, one_row_matmuls,
+                     prefill, step_slots)
 from .errors import PoEError
 from .model import TrunkState
 
@@ -72,16 +72,27 @@ def exit_step(prev: Exits | None, logp: torch.Tensor, j: int, threshold) -> Exit
     """The rule with stage j added: `prev` after stages 0..j-1 (None for j = 0), logp = log p_j (B, V),
     threshold = safety · bound_j (a float or a 0-d tensor), None for the last stage (which always exits)."""
     score = logp if prev is None else prev.score + logp
-    token = score.argmax(-1)
-    if threshold is None:
-        passed = torch.ones_like(token, dtype=torch.bool)
-    else:
-        top = torch.topk(score, 2, dim=-1).values
-        passed = top[..., 0] - top[..., 1] >= threshold
+    token, margin = top_margin(score)
+    passed = torch.ones_like(token, dtype=torch.bool) if threshold is None else margin >= threshold
     if prev is None:
         return Exits(score, token, torch.zeros_like(token), passed)
     new = passed & ~prev.done
     return Exits(score, torch.where(new, token, prev.token), torch.where(new, j, prev.stage), prev.done | passed)
+
+
+def top_margin(score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """argmax (the first maximum) and the gap to the runner-up (0 on a tie) over the last dim.
+    Written as plain max/min reductions and masks rather than argmax and topk(2): inductor vectorises
+    these on CPU and fuses them with the stage's log-softmax, where an argmax reduction runs scalar and
+    topk stays a kernel of its own (measured on the demo model at batch 8, bf16: the deep step's head
+    0.2-0.3 ms faster per token, 2-3 % of the step)."""
+    best = score.amax(-1, keepdim=True)
+    is_best = score == best
+    V = score.size(-1)
+    token = torch.where(is_best, torch.arange(V, device=score.device), V).amin(-1)
+    second = torch.where(is_best, -math.inf, score).amax(-1)
+    margin = torch.where(is_best.sum(-1) > 1, 0.0, best.squeeze(-1) - second)
+    return token, margin
 
 
 def exit_rule(logps: list[torch.Tensor], thresholds) -> Exits:
@@ -297,6 +308,8 @@ def step_costs(model, step: WandStep, starts: list[int], thresholds: torch.Tenso
     known = _EAGER_COSTS.setdefault(model, {})
     if key not in known:
         known[key] = measure_costs(model, step, starts, thresholds)
+        while len(known) > MAX_STEPS:
+            known.pop(next(iter(known)))
     return known[key]
 
 
