@@ -274,7 +274,7 @@ def decode_step(model, mix: StageMix, batch: int, need: int) -> DecodeStep:
 
 def compile_decode(model, enabled: bool = True, backend: str | None = "inductor") -> None:
     """Decode the static modes (full, prefix, stage, composition) with the fixed-shape one-token step,
-    and self-speculative decoding with fixed-shape draft and verify passes, compiled by
+    self-speculative decoding with fixed-shape draft and verify passes, and WAND's deep steps, compiled by
     `torch.compile(backend=backend)` (None: the same steps uncompiled, for tests).
     Off by default: a step compiles in ~10-60 s on a 2-core CPU per (mode, batch, cache size), which
     pays off for long-running use (a server, benchmarks, long generations), not for one short call.
