@@ -331,6 +331,19 @@ def test_exit_tokens_is_the_rule_row_by_row():
     assert torch.equal(t, sum(logps).argmax(-1)) and (s == K - 1).all()
 
 
+def test_top_margin_eager_and_compiled_forms_agree_on_ties():
+    """argmax/topk(2) eager, masked reductions under torch.compile: the same tokens and margins, ties
+    included (a tied maximum is its own runner-up: margin 0, the first index)."""
+    from poegpt.wand import top_margin
+    traced = torch.compile(top_margin, backend="eager", fullgraph=True)
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randint(0, 40, (16, 300), generator=g).to(dtype)          # many ties, at the top too
+        a, b = top_margin(x), traced(x)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert (a[1] == 0).any() and torch.equal(a[0], x.argmax(-1))
+
+
 def test_wand_cost_model_takes_the_cheaper_path():
     from poegpt.wand import Costs
     c = Costs(stage=[4.0, 2.0, 1.0, 1.0], deep=7.0, counts=[1.0] * K)
