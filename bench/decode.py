@@ -5,11 +5,12 @@ one call): tokens/s (wall clock over all prompts, prefill included), the ratio t
 `generate` on the exported Hugging Face folder of the same weights (same prompts, same number of
 new tokens, same dtype, EOS disabled on both sides), speedup over full-PoE greedy, layer evaluations
 per generated token (counted with hooks in a separate, untimed run, speculative's drafting
-included; for WAND its own count per decode position, lazy fills of skipped layers included),
-agreement of the tokens with full greedy, and for speculative decoding the acceptance rate and τ
-(tokens per verification pass). Every mode but WAND is timed eager and compiled
+included; for WAND its own count of the layer-positions it executed per decode position, lazy fills
+of skipped layers included, per batch size and path, with the share of its steps that took the deep
+path), agreement of the tokens with full greedy, and for speculative decoding the acceptance rate and
+τ (tokens per verification pass). Every mode is timed eager and compiled
 (`poegpt.engine.compile_decode`: the static modes' one-token step, speculative decoding's draft and
-verify passes; compile time excluded, reported separately). `stage K-1` alone is the dense
+verify passes, WAND's deep step; compile time excluded, reported separately). `stage K-1` alone is the dense
 baseline: the same trunk with one head. Prints tables, then one JSON line.
 
     python bench/decode.py                                   # the shipped demo model, dtype auto
@@ -126,14 +127,18 @@ def parse_args():
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled decode steps")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers generate")
     ap.add_argument("--modes", nargs="*", help="labels of the modes to run (default: all; full always runs)")
-    ap.add_argument("--compile-modes", nargs="*", help="labels of the modes to time compiled (default: all but WAND)")
+    ap.add_argument("--compile-modes", nargs="*", help="labels of the modes to time compiled (default: all)")
     return ap.parse_args()
+
+
+def agreement(tokens, reference) -> float:
+    same = sum(x == y for g, r in zip(tokens, reference) for x, y in zip(g, r))
+    return same / sum(len(r) for r in reference)
 
 
 def measure_mode(model, rows, label, spec, a, hf_rows, reference) -> dict:
     """One mode's row: eager (and compiled) tok/s per batch size, agreement with full, what it did."""
     row = {"mode": label}
-    compilable = spec.mode != "wand"       # the static modes' one-token step; speculative's draft and verify
     for B in a.batches:
         compile_decode(model, False)
         run(model, rows[:B], spec, 4, B)                                 # warm-up
@@ -142,14 +147,17 @@ def measure_mode(model, rows, label, spec, a, hf_rows, reference) -> dict:
         row[f"b{B}_eager_tok_s"] = n / dt
         if B == 1:
             reference = reference or gen.tokens
-            same = sum(x == y for g, r in zip(gen.tokens, reference) for x, y in zip(g, r))
-            row.update(tokens=n, agreement_with_full=same / sum(len(r) for r in reference),
+            row.update(tokens=n, agreement_with_full=agreement(gen.tokens, reference),
                        identical_to_full=gen.tokens == reference, generated=gen.tokens)
             if spec.mode == "speculative":
                 row.update(acceptance=gen.acceptance, tau=n / max(gen.passes, 1))
             if spec.mode == "wand":
                 row.update(gen.extra)
-        if compilable and not a.no_compile and (a.compile_modes is None or label in a.compile_modes):
+        if spec.mode == "wand":
+            row[f"b{B}_eager_layers_per_token"] = gen.extra["layers_per_token"]
+            row[f"b{B}_eager_deep_fraction"] = gen.extra["deep_fraction"]
+            row[f"b{B}_eager_agreement"] = agreement(gen.tokens, reference)
+        if not a.no_compile and (a.compile_modes is None or label in a.compile_modes):
             compile_decode(model, True)
             t0 = time.perf_counter()
             run(model, rows[:B], spec, a.tokens, B)                      # compiles the step for this shape
@@ -157,12 +165,16 @@ def measure_mode(model, rows, label, spec, a, hf_rows, reference) -> dict:
             cgen, cdt = best_of(lambda: run(model, rows, spec, a.tokens, B), a.repeats)
             row[f"b{B}_compiled_tok_s"] = n / cdt
             row[f"b{B}_compiled_identical"] = cgen.tokens == gen.tokens
+            if spec.mode == "wand":
+                row[f"b{B}_compiled_layers_per_token"] = cgen.extra["layers_per_token"]
+                row[f"b{B}_compiled_deep_fraction"] = cgen.extra["deep_fraction"]
+                row[f"b{B}_compiled_agreement"] = agreement(cgen.tokens, reference)
             compile_decode(model, False)
         row[f"b{B}_tok_s"] = max(row[f"b{B}_eager_tok_s"], row.get(f"b{B}_compiled_tok_s", 0.0))
         row[f"b{B}_path"] = "compiled" if row[f"b{B}_tok_s"] > row[f"b{B}_eager_tok_s"] else "eager"
         if B in hf_rows:
             row[f"b{B}_vs_hf"] = row[f"b{B}_tok_s"] / hf_rows[B]["tok_s"]
-    if spec.mode != "wand":      # WAND counts its own: layers run per decode position, lazy fills included
+    if spec.mode != "wand":      # WAND counts its own: layer-positions executed per decode position, lazy fills included
         row["layers_per_token"] = layer_evals(model, rows, spec, a.tokens) / row["tokens"]
     return row
 
@@ -185,6 +197,13 @@ def print_tables(name, cfg, a, rows, machine, hf_rows, results) -> None:
         line += (f"{r['layers_per_token']:>11.2f}{r.get('acceptance', float('nan')):>7.2f}"
                  f"{r.get('tau', float('nan')):>6.2f}{r['agreement_with_full']:>7.3f}")
         print(line)
+    for r in results:
+        paths = [f"b{B} {path} {r[f'b{B}_{path}_layers_per_token']:.2f} ({r[f'b{B}_{path}_deep_fraction']:.0%} deep, "
+                 f"agree {r[f'b{B}_{path}_agreement']:.3f})"
+                 for B in a.batches for path in ("eager", "compiled") if f"b{B}_{path}_layers_per_token" in r]
+        if paths:
+            print(f"{r['mode']}: layers executed per token by batch and path (deep steps, agreement with full): "
+                  + ", ".join(paths))
 
 
 def main():

@@ -464,7 +464,7 @@ def add_generate_parser(sub) -> None:
     s.add_argument("--threads", type=int, help="torch intra-op threads (default: the usable cores)")
     s.add_argument("--compile", action="store_true",
                    help="the fast decode path (poegpt.engine.compile_decode): fixed-shape compiled steps for every "
-                        "mode but WAND; pays for long generations (each step shape compiles once, seconds)")
+                        "mode (WAND: its deep step); pays for long generations (each step shape compiles once, seconds)")
     s.set_defaults(fn=cmd_generate)
 
 

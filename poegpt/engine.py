@@ -194,22 +194,31 @@ class DecodeStep:
     position mask, so the shapes never change and nothing is read back to the host. The summed
     stage-head weights are taken once. The compiled graph is reused by every generation with the
     same (mode, batch, cache size, dtype): `decode_step` keeps the steps of a model in a small LRU.
-    Prefill runs eagerly into the same cache."""
+    Prefill runs eagerly into the same cache.
 
-    def __init__(self, model, mix: StageMix, batch: int, max_len: int, backend: str | None = "inductor"):
+    `head(hs, heads, *args)` turns the walked stages' boundary states [(B, d)] into the step's output
+    (default: the mix's Log-OP log-probs); WAND's deep step gives its exit rule here, with its
+    thresholds as an extra tensor argument. `full_view=False` with backend None is the same step on
+    an ordinary cache (an int position when the rows are aligned: the eager engine's attention)."""
+
+    def __init__(self, model, mix: StageMix, batch: int, max_len: int, backend: str | None = "inductor",
+                 head=None, full_view: bool = True):
         self.model, self.mix = model, mix
         self.cache = new_cache(model, batch, max_len)
-        self.cache.full_view = True
+        self.cache.full_view = full_view
         self.heads = [model.head_weight(k) for k in mix.stages]
-        self.fn = compiled(self._logprobs, backend)
+        self.head = head if head is not None else (lambda hs, heads: mix.logprobs(model, hs, heads))
+        self.fn = compiled(self._step, backend)
 
-    def _logprobs(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        _, hs = self.model.walk(tok[:, None], None, 0, self.mix.depth, pos[:, None], self.cache)
-        return self.mix.logprobs(self.model, [h[:, -1] for h in hs], self.heads)
+    def _step(self, tok: torch.Tensor, pos, *args):
+        _, hs = self.model.walk(tok[:, None], None, 0, self.mix.depth, pos if isinstance(pos, int) else pos[:, None],
+                                self.cache)
+        return self.head([h[:, -1] for h in hs], self.heads, *args)
 
-    def __call__(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Log-probs (B, V) after feeding token tok[b] at position pos[b] of each row."""
-        return self.fn(tok, pos)
+    def __call__(self, tok: torch.Tensor, pos, *args) -> torch.Tensor:
+        """The step's output (default: log-probs (B, V)) after feeding token tok[b] at position pos[b] of
+        each row (pos: (B,), or an int when every row is at the same position and the cache is not full view)."""
+        return self.fn(tok, pos, *args)
 
 
 def compiled(fn, backend: str | None):
@@ -269,7 +278,7 @@ def decode_step(model, mix: StageMix, batch: int, need: int) -> DecodeStep:
 
 def compile_decode(model, enabled: bool = True, backend: str | None = "inductor") -> None:
     """Decode the static modes (full, prefix, stage, composition) with the fixed-shape one-token step,
-    and self-speculative decoding with fixed-shape draft and verify passes, compiled by
+    self-speculative decoding with fixed-shape draft and verify passes, and WAND's deep steps, compiled by
     `torch.compile(backend=backend)` (None: the same steps uncompiled, for tests).
     Off by default: a step compiles in ~10-60 s on a 2-core CPU per (mode, batch, cache size), which
     pays off for long-running use (a server, benchmarks, long generations), not for one short call.

@@ -53,6 +53,27 @@ def test_demo_wand_with_infinite_bounds_reproduces_full_greedy(demo):
                            model.generate([row], max_new_tokens=12))
 
 
+def test_demo_wand_at_safety_1_agrees_with_full_greedy_batched(demo):
+    """The shipped calibration at safety 1: a batch's tokens agree with full greedy on >= 99 % of
+    positions, and equal each row's alone, on the lazy and the deep path."""
+    from poegpt.engine import Generation
+    from poegpt.modes import ModeSpec, run_mode
+    from poegpt.wand import wand_steps
+    model, tok = demo
+    rows = [tok.encode(p) for p in PROMPTS]
+    full = run_mode(model, rows, ModeSpec("full"), 24).tokens
+    bounds = model.calibration.wand_p99_bounds
+    for path in ("lazy", "deep"):
+        gen = Generation([])
+        list(wand_steps(model, rows, 24, 1.0, bounds, None, gen, path=path))
+        same = sum(a == b for w, f in zip(gen.tokens, full) for a, b in zip(w, f))
+        assert same >= 0.99 * sum(map(len, full)), path
+        assert min(s for st in gen.stages_used for s in st) < model.config.n_stages - 1     # it does exit early
+        alone = Generation([])
+        list(wand_steps(model, rows[1:2], 24, 1.0, bounds, None, alone, path=path))
+        assert alone.tokens[0] == gen.tokens[1]
+
+
 def test_demo_is_a_model_name_for_every_command(tmp_path, monkeypatch):
     """`demo` names the shipped model wherever a checkpoint is taken (export-hf included), unless a folder
     called demo exists where the command runs."""

@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from poegpt import PoEConfig, PoEError
-from poegpt.engine import Sampling, StageMix
+from poegpt.engine import Generation, Sampling, StageMix
 from poegpt.textstream import stream_text
 from poegpt.logop import logop
 from poegpt.cache import KVCache
 from poegpt.modes import ModeSpec, mode_steps, run_mode
 from poegpt.speculative import generate_speculative
-from poegpt.wand import LazyDepth, wand_row_steps
+from poegpt.wand import wand_steps
 
 from conftest import build_random_model
 
@@ -198,31 +198,164 @@ def test_speculative_sampling_matches_the_verifier_distribution_exactly(verifier
     assert 0 < gen.acceptance < 1
 
 
-def test_wand_infinite_bounds_equal_full_and_lazy_fill_is_exact(model):
-    rows = prompts(2, seed=3)
-    full = model.generate(rows, max_new_tokens=12)
-    out, stages = model.generate_wand(rows, max_new_tokens=12, p99_bounds=[math.inf] * 3, return_stages_used=True)
-    assert torch.equal(out, full) and all(s == [K - 1] * 12 for s in stages)
-    # finite bounds: tokens exit early; after flushing, the cache equals a full prefill of the same tokens
-    prompt = rows[0]
-    steps = wand_row_steps(model, prompt, 16, 1.0, [0.5, 0.5, 0.5])
-    emitted = []
+@pytest.fixture(scope="module")
+def model64():
+    return build_random_model(seed=5, dtype=torch.float64)
+
+
+WAND_PROMPTS = [[7, 3, 9, 1, 4], [5, 2, 8, 6, 1, 9, 3, 2, 7], [11, 2]]     # ragged
+WAND_BOUNDS = (0.5, 0.5, 0.5)        # on the fp64 random model rows exit at every stage, at different ones
+
+
+def wand_run(model, rows, n=12, bounds=WAND_BOUNDS, path=None, eos=None):
+    gen = Generation([[] for _ in rows])
+    walker = None
+    steps = wand_steps(model, rows, n, 1.0, list(bounds), eos, gen, path=path)
     while True:
         try:
-            emitted.append(next(steps))
+            next(steps)
         except StopIteration as stop:
-            walker: LazyDepth = stop.value
+            walker = stop.value
             break
-    assert any(s < K - 1 for _, s in emitted) and any(s > 0 for _, s in emitted)
+    return gen, walker
+
+
+def test_wand_batch_equals_alone_and_lazy_equals_deep(model64):
+    """fp64, ragged prompts, rows exiting at different stages: every row's tokens and exit stages in the
+    batch equal what it produces alone, on the lazy path, the deep path and the cost model's mix."""
+    rows = WAND_PROMPTS
+    alone = [wand_run(model64, [r], path="lazy")[0] for r in rows]
+    want_tokens, want_stages = [g.tokens[0] for g in alone], [g.stages_used[0] for g in alone]
+    assert all(len(set(s)) > 2 for s in want_stages)                      # rows exit at several stages
+    assert any(a != b for a, b in zip(want_stages[0], want_stages[1]))    # ... and at different ones
+    for path in ("lazy", "deep", None):
+        gen, _ = wand_run(model64, rows, path=path)
+        assert gen.tokens == want_tokens and gen.stages_used == want_stages, path
+        assert wand_run(model64, [rows[1]], path=path)[0].tokens == want_tokens[1:2], path
+    assert wand_run(model64, rows, path="deep")[0].extra["layers_per_token"] == 8
+    assert wand_run(model64, rows, path="lazy")[0].extra["deep_fraction"] == 0
+
+
+def test_wand_tokens_equal_a_nocache_reference_of_the_exit_rule(model64):
+    """At each step, a full forward of the whole sequence (no cache), then the rule written out here:
+    the first stage j whose top-2 gap of Σ_{i<=j} log p_i reaches the bound, the argmax there."""
+    bounds = WAND_BOUNDS
+    for path in ("lazy", "deep"):
+        gen, _ = wand_run(model64, WAND_PROMPTS, n=10, path=path)
+        for prompt, tokens, stages in zip(WAND_PROMPTS, gen.tokens, gen.stages_used):
+            seq = list(prompt)
+            for token, stage in zip(tokens, stages):
+                logps = [lp[0, -1] for lp in model64.stage_logprobs(torch.tensor([seq]))]
+                S = torch.zeros_like(logps[0])
+                for j, lp in enumerate(logps):
+                    S = S + lp
+                    top = S.topk(2).values
+                    if j == K - 1 or float(top[0] - top[1]) >= bounds[j]:
+                        break
+                assert (token, stage) == (int(S.argmax()), j)
+                seq.append(token)
+
+
+@pytest.mark.parametrize("path", ["lazy", "deep", None])
+def test_wand_infinite_bounds_equal_full_greedy(model, path):
+    rows = prompts(3, seed=3)
+    full = run_mode(model, rows, ModeSpec("full"), 12).tokens
+    gen, _ = wand_run(model, rows, bounds=(math.inf,) * 3, path=path)
+    assert gen.tokens == full and all(s == [K - 1] * 12 for s in gen.stages_used)
+    assert gen.extra["layers_per_token"] == 8 and gen.extra["exit_layers_per_token"] == 8
+
+
+def test_wand_lazy_fill_then_flush_equals_a_full_prefill(model64):
+    """After lazy decoding (positions left pending at several stages) and a flush, every row's cache
+    equals a full prefill of its own tokens, at every layer."""
+    gen, walker = wand_run(model64, WAND_PROMPTS, n=16, path="lazy")
+    assert walker.lowest_pending() is not None
     walker.flush()
-    seq = prompt + [t for t, _ in emitted[:-1]]                 # the last token was never fed back
-    ref = KVCache(model.config, 1, len(seq))
-    model.trunk(torch.tensor([seq]), cache=ref)
-    n = len(seq)
-    assert walker.filled == [n] * K
-    for layer in range(model.config.n_layer):
-        torch.testing.assert_close(walker.cache.k[layer][:, :, :n], ref.k[layer], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(walker.cache.v[layer][:, :, :n], ref.v[layer], rtol=1e-5, atol=1e-5)
+    assert walker.lowest_pending() is None and len(set(walker.filled)) == 1
+    for r, (prompt, tokens) in enumerate(zip(WAND_PROMPTS, gen.tokens)):
+        seq = prompt + tokens[:-1]                          # the last token was never fed back
+        assert walker.cache.lengths[r] == len(seq)
+        ref = KVCache(model64.config, 1, len(seq), dtype=torch.float64)
+        model64.trunk(torch.tensor([seq]), cache=ref)
+        n = len(seq)
+        for layer in range(model64.config.n_layer):
+            torch.testing.assert_close(walker.cache.k[layer][r, :, :n], ref.k[layer][0], rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(walker.cache.v[layer][r, :, :n], ref.v[layer][0], rtol=1e-10, atol=1e-10)
+
+
+def test_wand_counts_the_layers_it_runs(model64):
+    """layers_per_token = block evaluations at decode positions (lazy fills included) per fed token,
+    as hooks on the blocks count them."""
+    for rows in (WAND_PROMPTS, WAND_PROMPTS[:1]):
+        wand_run(model64, rows, path="lazy")                     # the pass costs of this shape are measured once
+        calls = count_layers(model64, lambda: wand_run(model64, rows, path="lazy"))
+        gen, _ = wand_run(model64, rows, path="lazy")
+        prefill = model64.config.n_layer * max(map(len, rows))   # one walk of the padded prompts (per row)
+        decode = sum(T for _, T in calls) - prefill              # per row: every row runs every pass
+        assert gen.extra["layers_per_token"] == pytest.approx(decode / 11)
+    assert gen.extra["layers_per_token"] < 8                     # alone, the last tokens left layers pending
+
+
+def test_wand_eos_stops_rows_and_they_stop_steering_the_batch(model64):
+    rows = WAND_PROMPTS
+    free, _ = wand_run(model64, rows, path="lazy")
+    eos = free.tokens[0][2]
+    for path in ("lazy", "deep"):
+        gen, _ = wand_run(model64, rows, path=path, eos=eos)
+        for r, tokens in enumerate(free.tokens):
+            cut = tokens.index(eos) + 1 if eos in tokens else len(tokens)
+            assert gen.tokens[r] == tokens[:cut]
+
+
+def test_exit_tokens_is_the_rule_row_by_row():
+    """exit_tokens on random log-probs against the rule applied to each row in Python; the last stage
+    always exits; the lazy helper (stage by stage) agrees."""
+    from poegpt.wand import exit_step, exit_tokens
+    g = torch.Generator().manual_seed(0)
+    logps = [F.log_softmax(3 * torch.randn(64, 50, generator=g), -1) for _ in range(K)]
+    bounds, safety = [2.0, 1.0, 0.5], 1.5
+    tokens, stages = exit_tokens(logps, bounds, safety)
+    for r in range(64):
+        S = torch.zeros(50)
+        for j in range(K):
+            S = S + logps[j][r]
+            top = S.topk(2).values
+            if j == K - 1 or float(top[0] - top[1]) >= safety * bounds[j]:
+                break
+        assert (int(tokens[r]), int(stages[r])) == (int(S.argmax()), j)
+    assert len(set(stages.tolist())) == K
+    ex = None
+    for j in range(K):
+        ex = exit_step(ex, logps[j], j, safety * bounds[j] if j < K - 1 else None)
+    assert torch.equal(ex.token, tokens) and torch.equal(ex.stage, stages) and bool(ex.done.all())
+    t, s = exit_tokens(logps, [math.inf] * 3, 1.0)
+    assert torch.equal(t, sum(logps).argmax(-1)) and (s == K - 1).all()
+
+
+def test_top_margin_eager_and_compiled_forms_agree_on_ties():
+    """argmax/topk(2) eager, masked reductions under torch.compile: the same tokens and margins, ties
+    included (a tied maximum is its own runner-up: margin 0, the first index)."""
+    from poegpt.wand import top_margin
+    traced = torch.compile(top_margin, backend="eager", fullgraph=True)
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randint(0, 40, (16, 300), generator=g).to(dtype)          # many ties, at the top too
+        a, b = top_margin(x), traced(x)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert (a[1] == 0).any() and torch.equal(a[0], x.argmax(-1))
+
+
+def test_wand_cost_model_takes_the_cheaper_path():
+    from poegpt.wand import Costs
+    c = Costs(stage=[4.0, 2.0, 1.0, 1.0], deep=7.0, counts=[1.0] * K)
+    assert c.expected_lazy() == pytest.approx((4 + 6 + 7 + 8) / 4) and c.choose(None) == "lazy"
+    for _ in range(100):                      # the batch keeps going to the last stage: deep is cheaper
+        c.observe(K - 1)
+    assert c.choose(None) == "deep"
+    assert c.choose(0) == "lazy"              # ... unless pending layers would first have to run
+    for _ in range(100):
+        c.observe(0)
+    assert c.choose(None) == "lazy"
 
 
 def test_wand_greedy_tokens_follow_the_exit_rule(model):

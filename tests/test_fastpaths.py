@@ -165,3 +165,50 @@ def test_compiled_speculative_equals_full_greedy(model):
             assert speculative(model, batch, 12, draft_stage=1, k_draft=3)[0] == full[:len(batch)]
     finally:
         compile_decode(model, False)
+
+
+# --- WAND: the deep step on the fast path ---------------------------------------------------------------
+
+def wand(model, prompts, n, path=None, bounds=(0.5, 0.5, 0.5)):
+    from poegpt.engine import Generation
+    from poegpt.wand import wand_steps
+    gen = Generation([])
+    list(wand_steps(model, prompts, n, 1.0, list(bounds), None, gen, path=path))
+    return gen.tokens, gen.stages_used
+
+
+def test_wand_fixed_shape_steps_equal_eager():
+    """compile_decode (uncompiled: backend None): the deep step on the full-view cache and the lazy
+    passes on the same cache give the eager tokens and exit stages, fp64, ragged; the step (with its
+    measured costs) is cached per shape and reused by the next generation."""
+    m = build_random_model(seed=5, dtype=torch.float64)
+    prompts = rows(3)
+    want = wand(m, prompts, 14, "lazy")
+    assert len({s for row in want[1] for s in row}) == K
+    compile_decode(m, backend=None)
+    try:
+        for path in ("deep", "lazy", None):
+            assert wand(m, prompts, 14, path) == want, path
+        assert wand(m, prompts[1:], 14) == (want[0][1:], want[1][1:])
+        steps = fast_path(m).steps
+        assert [key[0] for key in steps] == ["wand", "wand"]
+        costs = [s.costs for s in steps.values()]
+        wand(m, prompts, 14)
+        assert [s.costs for s in fast_path(m).steps.values()] == costs[::-1]     # measured once per shape
+    finally:
+        compile_decode(m, False)
+
+
+@pytest.mark.slow
+def test_compiled_wand_equals_eager():
+    """torch.compile (inductor) of the deep step: the eager tokens, batch 1 and 3, on both paths."""
+    m = build_random_model(seed=5)
+    prompts = rows(3, seed=6)
+    want = wand(m, prompts, 10, "lazy")
+    compile_decode(m)
+    try:
+        for path in ("deep", None):
+            assert wand(m, prompts, 10, path) == want
+            assert wand(m, prompts[:1], 10, path) == (want[0][:1], want[1][:1])
+    finally:
+        compile_decode(m, False)
