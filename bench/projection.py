@@ -56,7 +56,8 @@ Prints tables (machine header first), then one JSON line.
 
     python bench/projection.py                      # dtype auto, batch 1 and 8, eager passes (~4 min, 1 thread)
     python bench/projection.py --fast               # fewer k values and repeats
-    python bench/projection.py --dtype fp32 --batch 1 --compile --fast   # torch.compile per pass shape (slow to build)
+    python bench/projection.py --models demo --batch 1 --fast --compile --no-end-to-end
+                                                    # torch.compile per pass shape (21 graphs, ~4 min)
 """
 
 from __future__ import annotations
@@ -71,6 +72,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
+from machine import bandwidth, describe, load, matmul_flops  # noqa: E402
+
+import poegpt  # noqa: E402
+from poegpt import PoEConfig, PoEGPT  # noqa: E402
+from poegpt.cache import new_cache  # noqa: E402
+from poegpt.engine import StageMix, compile_decode, compiled, one_row_matmuls  # noqa: E402
+from poegpt.hardware import resolve_dtype  # noqa: E402
+from poegpt.logop import logop  # noqa: E402
+from poegpt.model import TrunkState  # noqa: E402
+from poegpt.modes import ModeSpec, run_mode  # noqa: E402
 
 KS = (1, 2, 3, 4, 6, 8)
 FAST_KS = (1, 3, 8)
@@ -220,9 +231,7 @@ class Passes:
     Every pass writes at positions context.. and leaves the cache's lengths alone, so it can repeat."""
 
     def __init__(self, model, batch: int, context: int, max_tokens: int, backend: str | None):
-        from poegpt.cache import new_cache
-        from poegpt.engine import StageMix, compiled
-        self.model, self.B, self.pos, self.backend, self.compiled = model, batch, context, backend, compiled
+        self.model, self.B, self.pos, self.backend = model, batch, context, backend
         cfg = model.config
         self.K, self.V = cfg.n_stages, cfg.vocab_size
         self.cache = new_cache(model, batch, context + max_tokens)
@@ -233,10 +242,9 @@ class Passes:
         self.tokens = torch.randint(0, self.V, (batch, max_tokens), generator=g)
         self.heads = [model.head_weight(j) for j in range(self.K)]
         self.full_mix = StageMix.full(self.K, cfg.poe_alpha)
-        self.StageMix = StageMix
 
     def _fn(self, fn):
-        return fn if self.backend is None else self.compiled(fn, self.backend)
+        return fn if self.backend is None else compiled(fn, self.backend)
 
     def full(self):
         model, pos, cache, heads, mix = self.model, self.pos, self.cache, self.heads, self.full_mix
@@ -250,7 +258,7 @@ class Passes:
 
     def draft(self, d: int):
         model, pos, cache = self.model, self.pos, self.cache
-        heads, mix = self.heads[: d + 1], self.StageMix(tuple(range(d + 1)))
+        heads, mix = self.heads[: d + 1], StageMix(tuple(range(d + 1)))
         tok = self.tokens[:, :1]
 
         def step(tok):
@@ -260,15 +268,14 @@ class Passes:
         return lambda: fn(tok)
 
     def _boundary(self, stage: int, T: int):
-        """The stream after stages 0..stage-1 and their boundary outputs for T tokens (untimed setup)."""
-        from poegpt.model import TrunkState
+        """T tokens, the stream after stages 0..stage-1 and their boundary outputs (untimed setup)."""
         idx = self.tokens[:, :T]
         state, outs = self.model.walk(idx, None, 0, stage, self.pos, self.cache)
-        return idx, state, outs, TrunkState
+        return idx, state, outs
 
     def verify(self, d: int, k: int):
         model, pos, cache, heads, mix, K = self.model, self.pos, self.cache, self.heads, self.full_mix, self.K
-        idx, state, shallow, TrunkState = self._boundary(d + 1, k + 1)
+        idx, state, shallow = self._boundary(d + 1, k + 1)
 
         def step(idx, x, x0, x_mid, *shallow):
             _, deep = model.walk(idx, TrunkState(x, x0, x_mid), d + 1, K, pos, cache)
@@ -278,7 +285,7 @@ class Passes:
 
     def wand_stage(self, j: int, T: int):
         model, pos, cache, head = self.model, self.pos, self.cache, self.heads[j]
-        idx, state, _, TrunkState = self._boundary(j, T)
+        idx, state, _ = self._boundary(j, T)
         score = torch.zeros(self.B, self.V)                            # the sum of the earlier stages' log-probs
 
         def step(idx, x, x0, x_mid, score):
@@ -299,7 +306,6 @@ def best_seconds(calls: list, repeats: int, model, min_seconds: float = 0.0, max
     `repeats` rounds, more while the rounds have taken less than `min_seconds` (cheap passes get more
     tries), at most `max_rounds`. A call of one row runs on ATen's GEMV when the model's fast path is on
     (`one_row_matmuls`). Returns the times and the rounds run."""
-    from poegpt.engine import one_row_matmuls
     for call, rows in calls:
         with one_row_matmuls(model, rows):
             call()
@@ -380,8 +386,6 @@ def measure_costs(model, batches, ks, fills, context, repeats, backend, bw, stre
 def acceptance(model, tok, prompts, n: int, extra: int) -> dict:
     """Full-PoE greedy continuations (n + extra tokens per prompt, each alone), teacher-forced once; per
     generated position: the full-PoE argmax, each draft stage's argmax, the WAND exit stage."""
-    from poegpt.logop import logop
-    from poegpt.modes import ModeSpec, run_mode
     K, alpha = model.config.n_stages, model.config.poe_alpha
     bounds = list(model.calibration.wand_p99_bounds or [])
     if len(bounds) != K - 1:
@@ -429,7 +433,6 @@ def replays(acc: dict, ks, K: int) -> dict:
 def end_to_end(model, rows: list[list[int]], specs: dict, n: int, batches, repeats: int, log) -> dict:
     """Measured tokens/s of whole greedy generations (prefill included, eager) per mode and batch, to set
     beside the projection, repeats round-robin over the modes: label -> {batch: tok/s}."""
-    from poegpt.modes import run_mode
     runs = [(label, spec, B) for label, spec in specs.items() for B in batches
             if not (spec.mode == "wand" and B > 1)]           # WAND decodes rows one at a time
     for _, spec, B in runs:
@@ -510,7 +513,6 @@ def project_wand(model, costs: dict, acc: dict) -> dict:
 
 def build_preset(name: str, dtype: torch.dtype):
     """A preset with random weights, as bench/roofline.py builds the 1.5b (stage heads made nonzero)."""
-    from poegpt import PoEConfig, PoEGPT
     with torch.device("meta"):
         model = PoEGPT(PoEConfig.from_preset(name))
     model = model.to_empty(device="cpu")
@@ -648,13 +650,7 @@ def parse_args():
 @torch.no_grad()
 def main():
     a = parse_args()
-    from machine import bandwidth, describe, load, matmul_flops
-
-    import poegpt
-    from decode import PROMPTS
-    from poegpt.engine import compile_decode
-    from poegpt.hardware import resolve_dtype
-    from poegpt.modes import ModeSpec
+    from decode import PROMPTS                        # the prompts bench/decode.py times
     dtype = resolve_dtype(a.dtype)
     a.dtype = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     ks, fills = (FAST_KS, FAST_FILL_TOKENS) if a.fast else (KS, FILL_TOKENS)
