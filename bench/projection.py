@@ -709,7 +709,8 @@ def main():
         if name == "demo" and not a.no_end_to_end:
             configs = sorted({(d, 3) for d in range(K - 1)}
                              | {(p[key]["d"], p[key]["k"]) for p in spec.values() for key in ("best", "best_replayed")})
-            specs = {"full": ModeSpec("full"), **{f"speculative d{d} k{k}": ModeSpec("speculative", draft_stage=d, k_draft=k)
+            specs = {"full": ModeSpec("full"), **{f"speculative d{d} k{k}": ModeSpec("speculative", draft_stage=d, k_draft=k,
+                                                                                  fallback="never")
                                                   for d, k in configs}, "wand safety 1": ModeSpec("wand")}
             rows = [tok.encode(x) for x in PROMPTS]
             e2e = end_to_end(model, rows, specs, a.tokens, a.batch, repeats, log)

@@ -104,6 +104,6 @@ def test_statistics_match_the_modes_on_the_demo_model():
         wand = run_mode(model, [ids], ModeSpec("wand"), n)
         assert wand.stages_used[0] == r["exits"][:n] and wand.tokens[0] == r["tokens"][:n]
         for d in range(model.config.n_stages - 1):
-            gen = run_mode(model, [ids], ModeSpec("speculative", draft_stage=d, k_draft=k), n)
+            gen = run_mode(model, [ids], ModeSpec("speculative", draft_stage=d, k_draft=k, fallback="never"), n)
             replay = pj.replay_speculative(r["agree"][d], k, n)
             assert (gen.passes, gen.accepted) == (replay["cycles"], round(replay["acceptance"] * replay["cycles"] * k))
