@@ -250,7 +250,7 @@ def _generate_all_modes(model, tok, a, sampling) -> None:
             text, gen, dt = _run_mode(model, tok, p, spec, a, sampling)
             n = max(len(gen.tokens[0]), 1)
             layers = gen.extra.get("layers_per_token")        # WAND: lazy fills of skipped layers included
-            if layers is None and spec.entry.batched:
+            if layers is None and spec.entry.static:
                 layers = spec.entry.report(spec, gen, model.config, n)["layers_per_token"]
             layers = f"{layers:.2f}" if layers is not None else "-"
             accept = f"{gen.acceptance:.2f}" if gen.drafted else "-"

@@ -22,7 +22,7 @@ import torch
 
 from .engine import Generation, Sampling, StageMix, decode_static, to_rows
 from .errors import PoEError
-from .speculative import (AUTO_DRAFTS, FALLBACKS, VERIFIERS, check_speculative_args, speculative_steps,
+from .speculative import (AUTO_DRAFTS, FALLBACKS, VERIFIERS, check_speculative_args, speculative_steps, speculator,
                           verifier_mix)
 from .wand import check_bounds, wand_steps
 
@@ -85,7 +85,13 @@ class Mode:
     `examples(config, calibration)` lists (label, fields) to show the mode with (`generate --mode
     all`), `sweep` the wider set the benches measure (default: the examples). `target(spec, config)`
     is the StageMix whose distribution a mode that is not a static mix follows (its tokens' reported
-    log-probs; default full PoE)."""
+    log-probs; default full PoE).
+
+    Every mode also decodes as a row of a shared one-token step (the server's continuous batch, see
+    `BatchRow`): a static mode from its mix; any other from its target, with `exit(spec, model)` the
+    (bounds, safety) of an exit rule that picks the token and its stage instead of sampling (WAND), and
+    `alone(spec, model, sampling)` a per-sequence object whose `cycle` runs when the row has the step to
+    itself (speculative: a draft-verify cycle on the row's cache, where the cost model says it pays)."""
     name: str
     help: str
     run: Callable[..., Iterator[list[list[int]]]]
@@ -98,6 +104,8 @@ class Mode:
     merge: Callable[[list[dict]], dict] | None = None
     sweep: Callable[..., list[tuple[str, dict]]] | None = None
     target: Callable[..., StageMix] | None = None
+    exit: Callable[..., tuple] | None = None
+    alone: Callable[..., object] | None = None
 
     def configurations(self, config, calibration, sweep: bool = False) -> list[tuple[str, "ModeSpec"]]:
         """(label, ModeSpec) of the showcase settings, or of the bench sweep."""
@@ -105,9 +113,18 @@ class Mode:
         return [(label, ModeSpec(self.name, **fields)) for label, fields in pick(config, calibration)]
 
     @property
-    def batched(self) -> bool:
-        """One token per row per step from a StageMix: the server runs it in its shared batch."""
+    def static(self) -> bool:
+        """One token per row per step from a fixed StageMix (what the vLLM plugin serves)."""
         return self.mix is not None
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    """How one sequence decodes as a row of a shared one-token step: the trunk runs to `mix.depth`,
+    the row's token is sampled from `mix` (its log-probs are the ones reported), or, with `exit` =
+    (bounds, safety), taken by WAND's exit rule over every stage's log-probs (`wand.exit_tokens`)."""
+    mix: StageMix
+    exit: tuple | None = None
 
 
 MODES: dict[str, Mode] = {}
@@ -195,6 +212,12 @@ class ModeSpec:
         if entry.mix is not None:
             return entry.mix(self, cfg)
         return entry.target(self, cfg) if entry.target is not None else StageMix.full(cfg.n_stages, cfg.poe_alpha)
+
+    def batch_row(self, model) -> BatchRow:
+        """This sequence as a row of a shared one-token step (see `BatchRow`)."""
+        if self.entry.exit is not None:
+            return BatchRow(StageMix.full(model.config.n_stages, model.config.poe_alpha), self.entry.exit(self, model))
+        return BatchRow(self.target_mix(model))
 
 
 def mode_steps(model, rows: list[list[int]], spec: ModeSpec, max_new_tokens: int, sampling: Sampling = Sampling(),
@@ -330,7 +353,8 @@ register(Mode("wand", "stage by stage until the margin beats the calibrated boun
                Field("p99_bounds", "floats", "per-stage bounds (default: the checkpoint's calibration)", finite=False)),
               check=lambda spec, model: wand_bounds(spec, model),
               greedy_only="WAND mode is greedy (its exit rule bounds the argmax); drop temperature/do_sample",
-              merge=_wand_merge, sweep=_wand_sweep))
+              merge=_wand_merge, sweep=_wand_sweep,
+              exit=lambda spec, model: (tuple(wand_bounds(spec, model)), spec.safety)))
 
 
 # --- self-speculative decoding ---------------------------------------------------------------------------
@@ -338,6 +362,11 @@ register(Mode("wand", "stage by stage until the margin beats the calibrated boun
 def _speculative_run(model, rows, spec, max_new_tokens, sampling, eos_token_id, gen):
     return speculative_steps(model, rows, spec.draft_stage, spec.k_draft, max_new_tokens, sampling, eos_token_id,
                              gen, spec.verifier, spec.fallback)
+
+
+def _speculative_alone(spec, model, sampling):
+    """The cycles a speculative row runs when it has the shared step to itself (None: it decodes plainly)."""
+    return speculator(model, spec.draft_stage, spec.k_draft, sampling, spec.verifier, spec.fallback)
 
 
 def _speculative_report(spec, gen, config, tokens: int) -> dict:
@@ -374,6 +403,7 @@ register(Mode("speculative", "stages <= d draft, the rest verifies in one pass (
                                                                spec.verifier, spec.fallback),
               merge=_speculative_merge,
               target=lambda spec, cfg: verifier_mix(cfg.n_stages, spec.verifier, cfg.poe_alpha),
+              alone=_speculative_alone,
               sweep=lambda cfg, cal: [(f"speculative d{d} k{k}", {"draft_stage": d, "k_draft": k})
                                       for d in range(cfg.n_stages - 1) for k in (3, "auto")]
               + [("speculative auto", {"draft_stage": "auto", "k_draft": "auto"})]))

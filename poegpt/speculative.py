@@ -86,7 +86,7 @@ class SpeculativeStep:
                  verifier: str = "poe", compiled_ks: tuple[int, ...] = ()):
         K = model.config.n_stages
         self.model, self.backend, self.compiled_ks = model, backend, set(compiled_ks)
-        self.cache = new_cache(model, batch, max_len)
+        self.cache = new_cache(model, batch, max_len)    # the passes use whatever cache is set here
         self.cache.full_view = full_view
         self.verify_mix = verifier_mix(K, verifier, model.config.poe_alpha)
         self.agreement = verifier == "poe"
@@ -317,6 +317,86 @@ def _step(model, B: int, capacity: int, k_draft, verifier: str) -> SpeculativeSt
                        lambda backend: SpeculativeStep(model, B, max_len, backend, verifier=verifier, compiled_ks=ks))
 
 
+class Speculator:
+    """One generation's plan-draft-verify-accept cycles over a cache it is given (the step's own, or a
+    row of the server's batch): `cycle(cache, pending)` runs one cycle, or one plain step of the
+    verifier when the planner says drafting would not pay, and returns (idx, m, last, k): the pending
+    token and k drafts (B, k+1), how many drafts each row accepts (B,) and its next token (B,)."""
+
+    def __init__(self, model, step: SpeculativeStep, batch: int, draft_stage, k_draft, sampling: Sampling,
+                 verifier: str, fallback: str, generator):
+        self.model, self.step, self.sampling, self.generator = model, step, sampling, generator
+        self.device = model.rope_cos.device
+        fast = fast_path(model) is not None and step.backend is not None
+        self.costs = pass_costs(model, (fast, batch, verifier, next(model.parameters()).dtype))
+        # a seeded sampled generation keeps one plan: measured costs vary from run to run, its seed must not
+        adapt = fallback == "auto" and (sampling.greedy or sampling.seed is None)
+        self.planner = Planner(model, self.costs, draft_stage, k_draft, adapt)
+        self.plain_steps, self.draft_stages = 0, [0] * (model.config.n_stages - 1)
+
+    @torch.no_grad()
+    def cycle(self, cache, pending: torch.Tensor, room: int):
+        step, costs, sampling, device = self.step, self.costs, self.sampling, self.device
+        step.cache = cache
+        B = pending.size(0)
+        d, k = self.planner.choose(room)
+        if k == 0:   # --- a plain step of the verifier ----------------------------------------------------
+            pos = _positions(cache.lengths, 0, 1, device)[:, 0]
+            with one_row_matmuls(self.model, B):
+                p = timed(costs, ("plain",), device, step.plain, pending, pos)
+            self.plain_steps += 1
+            return pending[:, None], torch.zeros(B, dtype=torch.long, device=device), pick(p, sampling, self.generator), 0
+        # --- draft: stages 0..d, one token at a time, writing the shared cache ------------------------------
+        tokens, states, shallow, draft_logps = [pending], [], [], []
+        for i in range(k + 1):              # pass k only readies the last draft for verification
+            pos = _positions(cache.lengths, i, 1, device)[:, 0]
+            with one_row_matmuls(self.model, B):
+                x, x0, x_mid, hs, q = timed(costs, ("draft", d), device, step.draft(d), tokens[-1], pos)
+            states.append(TrunkState(x, x0, x_mid))
+            shallow.append(hs)
+            if i < k:
+                q = q if sampling.greedy else sampling_logprobs(q, sampling)
+                draft_logps.append(q)
+                tokens.append(q.argmax(-1) if sampling.greedy
+                              else torch.multinomial(q.exp(), 1, generator=self.generator).squeeze(-1))
+        # --- verify: the remaining stages over the pending token and the k drafts, in one pass --------------
+        idx = torch.stack(tokens, 1)                                        # (B, k+1)
+        state = TrunkState.cat(states)
+        p, agree = timed(costs, ("verify", d, k), device, step.verify(d, k), state.x, state.x0, state.x_mid,
+                         [torch.cat([s[j] for s in shallow], 1) for j in range(d + 1)], idx,
+                         _positions(cache.lengths, 0, k + 1, device))
+        if not sampling.greedy:
+            p = sampling_logprobs(p, sampling)
+        # --- accept: the longest prefix the verifier agrees with, then one token of its own ------------------
+        m, last = accept(p, idx, draft_logps, sampling, self.generator)
+        if agree is not None:
+            costs.note_agreement(agree.tolist(), B * (k + 1))
+        self.draft_stages[d] += 1
+        return idx, m, last, k
+
+    def update(self, accepted: int, drafted: int) -> None:
+        self.planner.update(accepted, drafted)
+
+
+_ROW_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def speculator(model, draft_stage, k_draft, sampling: Sampling, verifier: str = "poe", fallback: str = "auto"):
+    """Cycles for one row of a cache owned elsewhere (the server's batch, eager), or None for a seeded
+    sampled row: its tokens must not depend on whether it ran alone, so it always decodes plainly."""
+    check_speculative_args(model.config.n_stages, draft_stage, k_draft, verifier, fallback)
+    if not sampling.greedy and sampling.seed is not None:
+        return None
+    key = (verifier, tuple(w._version for w in model.parameters()))
+    steps = _ROW_STEPS.setdefault(model, {})
+    if key not in steps:                       # the summed heads are taken once per model and weights
+        steps.clear()
+        steps[key] = SpeculativeStep(model, 1, 1, None, full_view=False, verifier=verifier)
+    device = model.rope_cos.device
+    return Speculator(model, steps[key], 1, draft_stage, k_draft, sampling, verifier, fallback,
+                      sampling.generator(device))
+
+
 @torch.no_grad()
 def speculative_steps(model, rows: list[list[int]], draft_stage, k_draft, max_new_tokens: int, sampling: Sampling,
                       eos_token_id: int | None, gen: Generation, verifier: str = "poe", fallback: str = "auto"):
@@ -332,13 +412,9 @@ def speculative_steps(model, rows: list[list[int]], draft_stage, k_draft, max_ne
     step = _step(model, B, capacity, k_draft, verifier)
     cache = step.cache
     cache.reset()                               # from the start, also when the cache is reused
-    fast = fast_path(model) is not None
-    costs = pass_costs(model, (fast, B, verifier, next(model.parameters()).dtype))
-    # a seeded sampled generation keeps one plan: measured costs vary from run to run, its seed must not
-    planner = Planner(model, costs, draft_stage, k_draft, fallback == "auto" and (sampling.greedy or sampling.seed is None))
-    generator = sampling.generator(device)
+    spec = Speculator(model, step, B, draft_stage, k_draft, sampling, verifier, fallback, sampling.generator(device))
     gen.tokens = [[] for _ in rows]
-    gen.extra = {"plain_steps": 0, "draft_stages": [0] * (K - 1)}
+    gen.extra = {"plain_steps": 0, "draft_stages": spec.draft_stages}
     if max_new_tokens == 0:
         return
 
@@ -352,40 +428,8 @@ def speculative_steps(model, rows: list[list[int]], draft_stage, k_draft, max_ne
 
     while any(active):
         room = min(capacity - 1 - n for n, a in zip(cache.lengths, active) if a)
-        d, k = planner.choose(room)
-        if k == 0:   # --- a plain step of the verifier ------------------------------------------------
-            pos = _positions(cache.lengths, 0, 1, device)[:, 0]
-            with one_row_matmuls(model, B):
-                p = timed(costs, ("plain",), device, step.plain, pending, pos)
-            idx, m, last = pending[:, None], torch.zeros(B, dtype=torch.long, device=device), pick(p, sampling, generator)
-            gen.extra["plain_steps"] += 1
-        else:
-            # --- draft: stages 0..d, one token at a time, writing the shared cache ------------------
-            tokens, states, shallow, draft_logps = [pending], [], [], []
-            for i in range(k + 1):              # pass k only readies the last draft for verification
-                pos = _positions(cache.lengths, i, 1, device)[:, 0]
-                with one_row_matmuls(model, B):
-                    x, x0, x_mid, hs, q = timed(costs, ("draft", d), device, step.draft(d), tokens[-1], pos)
-                states.append(TrunkState(x, x0, x_mid))
-                shallow.append(hs)
-                if i < k:
-                    q = q if sampling.greedy else sampling_logprobs(q, sampling)
-                    draft_logps.append(q)
-                    tokens.append(q.argmax(-1) if sampling.greedy
-                                  else torch.multinomial(q.exp(), 1, generator=generator).squeeze(-1))
-            # --- verify: the remaining stages over the pending token and the k drafts, in one pass --
-            idx = torch.stack(tokens, 1)                                        # (B, k+1)
-            state = TrunkState.cat(states)
-            p, agree = timed(costs, ("verify", d, k), device, step.verify(d, k), state.x, state.x0, state.x_mid,
-                             [torch.cat([s[j] for s in shallow], 1) for j in range(d + 1)], idx,
-                             _positions(cache.lengths, 0, k + 1, device))
-            if not sampling.greedy:
-                p = sampling_logprobs(p, sampling)
-            # --- accept: the longest prefix the verifier agrees with, then one token of its own ------
-            m, last = accept(p, idx, draft_logps, sampling, generator)
-            if agree is not None:
-                costs.note_agreement(agree.tolist(), B * (k + 1))
-            gen.extra["draft_stages"][d] += 1
+        idx, m, last, k = spec.cycle(cache, pending, room)
+        gen.extra["plain_steps"] = spec.plain_steps
         emitted, commit, acc = [[] for _ in range(B)], [0] * B, 0
         for r, (m_r, last_r) in enumerate(zip(m.tolist(), last.tolist())):
             if not active[r]:
@@ -405,7 +449,7 @@ def speculative_steps(model, rows: list[list[int]], draft_stage, k_draft, max_ne
             if len(gen.tokens[r]) >= max_new_tokens or (eos_token_id is not None and eos_token_id in new):
                 active[r] = False
         if k:
-            planner.update(acc, k * sum(1 for c in commit if c))
+            spec.update(acc, k * sum(1 for c in commit if c))
         cache.advance(commit)   # the accepted drafts and the verifier's token; rejected slots are overwritten later
         for r in range(B):   # a finished row idles in lockstep at the cache start, where its writes fit
             if not active[r]:

@@ -171,7 +171,8 @@ MODES = [
     ("stage", {"stage": 1}, {"stage": 1}),
     ("composition", {"stages": [0, 2, 3], "stage_weights": [0.5, 1, 1]}, {"stages": [0, 2, 3], "stage_weights": [0.5, 1, 1]}),
     ("wand", {"p99_bounds": [0.5, 0.5, 0.5], "safety": 1.0}, {"p99_bounds": [0.5, 0.5, 0.5], "safety": 1.0}),
-    ("speculative", {"draft_stage": 1, "k_draft": 3}, {"draft_stage": 1, "k_draft": 3}),
+    ("speculative", {"draft_stage": 1, "k_draft": 3, "fallback": "never"},
+     {"draft_stage": 1, "k_draft": 3, "fallback": "never"}),
 ]
 
 
@@ -234,6 +235,47 @@ def test_concurrent_requests_each_equal_the_request_alone(server, model, tok):
     steps = metric(after, "poegpt_decode_batch_size_count") - metric(before, "poegpt_decode_batch_size_count")
     single = metric(after, "poegpt_decode_batch_size_bucket", le="1") - metric(before, "poegpt_decode_batch_size_bucket", le="1")
     assert steps > single, "no decode step ran more than one row"
+
+
+def test_speculative_drafts_alone_and_decodes_in_the_batch_under_load(model, tok):
+    """One engine, stepped by hand: a speculative request runs draft-verify cycles while it is the only
+    row, then plain steps of full PoE once a WAND and a seeded sampled request join the batch. Every
+    output equals the request alone (speculative: full greedy), and each mode reports what it did."""
+    from poegpt.modes import ModeSpec
+    from poegpt.serving.scheduler import Scheduler
+    from poegpt.serving.sequence import SeqParams, Sequence
+    from poegpt.engine import Sampling
+    sch = Scheduler(model, tok, max_batch=4)
+    ids = [tok.encode(SENTENCES[i][:24]) for i in range(3)]
+    spec = Sequence(SeqParams(tuple(ids[0]), 24, ModeSpec("speculative", draft_stage=0, k_draft=2, fallback="never")))
+    wand = Sequence(SeqParams(tuple(ids[1]), 12, ModeSpec("wand", p99_bounds=(0.5, 0.5, 0.5))))
+    sampled = Sequence(SeqParams(tuple(ids[2]), 12, ModeSpec("speculative"), Sampling(True, 0.9, 40, None, 7)))
+
+    def step(*seqs):
+        sch.submit(list(seqs)) if seqs else None
+        admitted, _ = sch._admit()
+        sch._step(admitted)
+
+    step(spec)
+    step()
+    step()
+    assert spec.gen.drafted > 0 and spec.gen.extra["plain_steps"] == 0          # alone: it speculates
+    step(wand, sampled)
+    while any(s.state != "done" for s in (spec, wand, sampled)):
+        step()
+    eos = tok.bos_id
+    assert spec.tokens == model.generate([ids[0]], max_new_tokens=24, eos_token_id=eos)[0, len(ids[0]):].tolist()
+    assert spec.gen.extra["plain_steps"] > 0                                      # under load: plain batched steps
+    report = sch.poe_info(spec)
+    assert report["plain_steps"] == spec.gen.extra["plain_steps"] and report["drafted"] == spec.gen.drafted > 0
+    out, used = model.generate_wand([ids[1]], max_new_tokens=12, eos_token_id=eos, p99_bounds=[0.5] * 3,
+                                    return_stages_used=True)
+    assert wand.tokens == out[0, len(ids[1]):].tolist() and sch.poe_info(wand)["stages_used"] == used[0]
+    assert min(used[0]) < model.config.n_stages - 1                              # some tokens exit early
+    full = model.generate([ids[2]], max_new_tokens=12, eos_token_id=eos, do_sample=True, temperature=0.9, top_k=40,
+                          seed=7)
+    # a seeded sampled speculative row decodes plainly, whatever the load: it is full PoE's seeded sample
+    assert sampled.tokens == full[0, len(ids[2]):].tolist() and sampled.gen.drafted == 0
 
 
 def test_seeded_sampling_n_choices_top_k_top_p(http, model, tok):

@@ -137,7 +137,7 @@ def test_entropy_weighted_full_poe(random_model, rebuild_model, tiny_cfg):
 
 
 def test_variants_are_the_mode_tables_batched_modes(tiny_cfg):
-    batched = {m.name for m in MODES.values() if m.batched and m.fields}
+    batched = {m.name for m in MODES.values() if m.static and m.fields}
     assert set(override_keys()) == batched == {"prefix", "stage", "composition"}
     assert override_keys()["composition"] == ["poe_stages", "poe_stage_weights"]
     with pytest.raises(PoEError, match="select no single mode"):

@@ -6,9 +6,9 @@ One concern per module:
     protocol.py     requests in (OpenAI completions fields + the mode table's PoE fields, ApiError)
                     and the completions JSON / SSE chunks out
     app.py          the FastAPI app: routes, error handlers (`create_app`)
-    scheduler.py    the engine thread: queue, admission, batched and solo steps (`Scheduler`)
+    scheduler.py    the engine thread: queue, admission, one batched step for every mode (`Scheduler`)
     sequence.py     what passes between them: SeqParams, Sequence, Event
-    logprobs.py     log-prob entries, prompt log-probs, full-PoE scoring of solo modes
+    logprobs.py     log-prob entries and prompt log-probs
     metrics.py      the Prometheus registry (`Metrics`) and every metric the server records
     launch.py       `poegpt serve`: arguments, loading while the port answers, SIGTERM drain
 """

@@ -188,7 +188,7 @@ def model_card(model, served_name: str, created: int) -> dict:
     return {"id": served_name, "object": "model", "created": created, "owned_by": "poegpt",
             "max_model_len": cfg.sequence_len,
             "poe": {"n_stages": cfg.n_stages, "n_layer": cfg.n_layer, "boundaries": list(cfg.boundaries),
-                    "modes": list(MODES), "batched_modes": [m for m, e in MODES.items() if e.batched],
+                    "modes": list(MODES), "batched_modes": list(MODES),
                     "wand_calibrated": model.calibration.wand_p99_bounds is not None}}
 
 

@@ -1,11 +1,9 @@
 """Log-probs for `poegpt serve`'s `logprobs` and `echo` fields, in the completions API's shape.
 
 A token's log-prob entry holds its name, its log-prob and the top-N alternatives (`Logprobs.entry`).
-A static-mode row has its distribution at hand when it picks a token. The solo modes (those the
-mode table does not batch: WAND and speculative decoding) target a distribution (`ModeSpec.target_mix`:
-full PoE, or stage K-1 for the dense verifier) but do not expose it per token, so a `Scorer` computes
-it by teacher forcing: the engine's `prefill` of the prompt, then one `trunk` step per emitted token
-on a one-row cache of its own. Prompt log-probs (echo with logprobs) come from one pass over the
+Every row of the server's batch has its distribution at hand when it takes a token: its mode's
+`BatchRow` mix (a static mode's own; for WAND and speculative decoding the distribution they target,
+full PoE or stage K-1 for the dense verifier). Prompt log-probs (echo with logprobs) come from one pass over the
 prompt under the sequence's own mix.
 """
 
@@ -16,8 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cache import new_cache
-from ..engine import StageMix, prefill
+from ..engine import StageMix
 
 
 @dataclass
@@ -72,25 +69,3 @@ class Logprobs:
                 out.append(self.entry(t, logp[i - 1], n, offset))
             offset += len(decoder.push(t))
         return out
-
-
-class Scorer:
-    """Log-probs of a solo sequence's tokens under `mix` (the distribution its mode targets), by
-    teacher forcing on a one-row cache of its own: the engine's `prefill` of the prompt, then the
-    model's `trunk` one token at a time (the cache moves its own lengths)."""
-
-    def __init__(self, model, prompt, max_tokens: int, mix: StageMix):
-        self.model = model
-        self.mix = mix
-        self.cache = new_cache(model, 1, len(prompt) + max_tokens)
-        self.logp = self.mix.logprobs(model, prefill(model, self.cache, [list(prompt)], self.mix.depth))[0]
-
-    def score(self, token: int) -> torch.Tensor:
-        """The distribution `token` was chosen from; then advance past it (unless the cache is full:
-        the last token of a sequence is never followed)."""
-        logp = self.logp
-        if self.cache.lengths[0] < self.cache.max_len:
-            idx = torch.tensor([[token]], device=logp.device)
-            hs = self.model.trunk(idx, self.mix.depth, self.cache)
-            self.logp = self.mix.logprobs(self.model, [h[:, -1] for h in hs])[0]
-        return logp

@@ -123,14 +123,14 @@ def register_engine_metrics(m: Metrics, scheduler) -> None:
     m.histogram("poegpt_time_per_output_token_seconds", "Mean time between tokens of a finished sequence.")
     m.histogram("poegpt_decode_batch_size", "Rows in each batched decode step.", BATCH_BUCKETS)
     m.gauge("poegpt_queue_depth", "Requests waiting for a slot.", lambda: scheduler.queue_depth)
-    m.gauge("poegpt_running_sequences", "Sequences being generated: batched (static modes) or solo (WAND, speculative).",
-            lambda: {(("kind", "batch"),): scheduler.running("batch"), (("kind", "solo"),): scheduler.running("solo")})
+    m.gauge("poegpt_running_sequences", "Sequences being generated (rows of the running batch).",
+            lambda: scheduler.running())
     m.gauge("poegpt_max_batch", "Sequences that may run at once (--max-batch).", lambda: scheduler.max_batch)
     m.gauge("poegpt_max_queue", "Requests that may wait (--max-queue).", lambda: scheduler.max_queue)
 
 
 def record_report(m: Metrics, report: dict) -> None:
-    """The counters read from what a finished solo sequence's mode reported (the mode table's
+    """The counters read from what a finished sequence's mode reported (the mode table's
     per-sequence report): draft tokens proposed and accepted, and the stage that emitted each token."""
     if "drafted" in report:
         m.inc("poegpt_speculative_drafted_tokens_total", report["drafted"])

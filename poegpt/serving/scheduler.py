@@ -4,16 +4,25 @@ A request becomes sequences (one per prompt and choice) that wait in a bounded F
 engine thread owns the model and loops:
 
 1. admit waiting sequences while fewer than `max_batch` are running;
-2. start each admitted sequence. One of a batched mode (the mode table's `entry.batched`: a static
-   `StageMix`, one token per row per step) is prefilled with the engine's `prefill` into a free row
-   of a fixed-slot KV cache (max_batch rows x the model's context) and picks its first token. Any
-   other (WAND, self-speculative) gets its own batch-1 step iterator from `modes.mode_steps`, with
-   its own cache: a solo sequence;
-3. advance every solo sequence by one step (one token, or one verification pass);
-4. run ONE decode step for all batched rows together: each row feeds its last token at its own
-   position (the cache keeps per-row lengths and the trunk takes per-row positions), the trunk runs
-   to the deepest stage any row needs, and each row combines its own stages (`StageMix.logprobs`,
-   rows with the same mix in one call) and samples with its own seeded generator (`engine.pick`).
+2. start each admitted sequence: its prompt is prefilled with the engine's `prefill` into a free row
+   of a fixed-slot KV cache (max_batch rows x the model's context) and it picks its first token;
+3. run ONE decode step for all rows together: each row feeds its last token at its own position (the
+   cache keeps per-row lengths and the trunk takes per-row positions), the trunk runs to the deepest
+   stage any row needs, and each row takes its token as its mode's `BatchRow` says (the mode table):
+   sampled from its StageMix (rows with the same mix in one call, each with its own seeded generator,
+   `engine.pick`), or by WAND's exit rule over every stage (`wand.exit_tokens`: the token and the
+   stage it exits at, as WAND alone picks them; the deeper layers run for it anyway, since the step
+   runs them for the batch and they fill its cache exactly as WAND's lazy fill would).
+
+Every mode runs in the shared batch. A self-speculative row decodes there as plain steps of its
+verifier (full PoE, or the last stage alone): greedy tokens equal full greedy and sampled ones follow
+the verifier's distribution exactly, so the request costs what a full-mode one does. When it is the
+only row and nothing waits, it has the step to itself and runs its mode's own cycles instead (`alone`:
+draft with the first stages, verify with the rest, on its row of the shared cache), where the cost
+model says drafting pays: speculation for a lone request, batching under load (vLLM likewise turns
+speculation off above a batch size). Greedy output is the same either way; a seeded sampled row
+always decodes plainly, so its seed gives the same text whatever the load. A row that wants per-token
+log-probs decodes plainly too (its distribution is at hand there).
 
 A sequence that finishes leaves between steps and the last row of the batch moves into its row
 (`KVCache.move_row`), so the running rows are always rows 0..n-1 and the batch is a view of the
@@ -25,11 +34,6 @@ the same call on a one-row view of the cache, its decode attends only to its own
 masks), rows never mix in the trunk, and its sampler is the same call on a generator with the same
 seed. Layers deeper than a row's own mode needs may run for it when a deeper request shares the
 step; their results are never read by that row.
-
-Why solo sequences run as their own batch-1 jobs: WAND exits each token at its own stage and fills
-the skipped layers lazily, and speculative decoding drafts and verifies several positions per pass
-and rolls its cache back; neither is one token per row per step. They run interleaved with the
-batch (one step each per loop), so neither side waits for the other to finish.
 
 Text is decoded here (`TextStream`): a stop string ends its sequence as soon as it appears, so its
 row is freed at once. Events go back to the caller (the HTTP side) through each sequence's callback;
@@ -44,11 +48,13 @@ import threading
 import time
 
 import torch
+import torch.nn.functional as F
 
 from ..cache import new_cache
-from ..engine import StageMix, pick, prefill
-from ..modes import mode_steps
-from .logprobs import Logprobs, Scorer
+from ..engine import Generation, pick, prefill
+from ..modes import BatchRow
+from ..wand import exit_tokens
+from .logprobs import Logprobs
 from .metrics import Metrics, record_report, register_engine_metrics
 from .sequence import Event, Sequence
 from ..textstream import TextStream
@@ -78,8 +84,7 @@ class Scheduler:
         self.eos_token_id = tokenizer.bos_id if eos_token_id == "bos" else eos_token_id
         self.device = model.rope_cos.device
         self.cache = new_cache(model, max_batch, model.config.sequence_len)
-        self.batch: list[Sequence] = []    # batched sequences; batch[i] owns cache row i
-        self.solo: list[Sequence] = []     # sequences of the other modes, each with its own steps
+        self.batch: list[Sequence] = []    # running sequences; batch[i] owns cache row i
         self.waiting: collections.deque[Sequence] = collections.deque()
         self._groups: collections.Counter = collections.Counter()   # request -> its sequences still waiting
         self._cv = threading.Condition()
@@ -115,16 +120,15 @@ class Scheduler:
         """End every waiting and running sequence now (the drain's time is up): each gets a last
         event with `reason` and its message, and running rows are freed before the next step."""
         with self._cv:
-            self.cancel(list(self.waiting) + self.batch + self.solo, reason)
+            self.cancel(list(self.waiting) + self.batch, reason)
 
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._closed
 
-    def running(self, kind: str | None = None) -> int:
-        """Sequences being generated (`kind` batch or solo; both by default)."""
-        rows = self.batch if kind == "batch" else self.solo if kind == "solo" else self.batch + self.solo
-        return sum(s.state == "running" for s in rows)
+    def running(self) -> int:
+        """Sequences being generated."""
+        return sum(s.state == "running" for s in self.batch)
 
     @property
     def queue_depth(self) -> int:
@@ -180,7 +184,7 @@ class Scheduler:
         """Wait for work; end waiting sequences past their deadline; take waiting ones while rows are
         free. (None, None) once the scheduler is closed."""
         with self._cv:
-            while not (self.waiting or self.batch or self.solo or self._closed):
+            while not (self.waiting or self.batch or self._closed):
                 self._cv.wait()
             if self._closed:
                 return None, None
@@ -190,7 +194,7 @@ class Scheduler:
                 self._ungroup(s)
                 self._done(s, "timeout", error=self._message("timeout"))
             admitted = []
-            while self.waiting and len(self.batch) + len(self.solo) + len(admitted) < self.max_batch:
+            while self.waiting and len(self.batch) + len(admitted) < self.max_batch:
                 s = self.waiting.popleft()
                 self._ungroup(s)
                 s.state = "running"
@@ -199,31 +203,29 @@ class Scheduler:
 
     def _stop_running(self, now: float) -> None:
         """End running sequences that were cancelled or are past their deadline (their rows are swept next)."""
-        for s in self.batch + self.solo:
+        for s in self.batch:
             if s.stop_reason is None and s.deadline is not None and now > s.deadline:
                 s.stop_reason = "timeout"
             if s.stop_reason is not None and s.state == "running":
                 self._done(s, s.stop_reason, error=self._message(s.stop_reason))
 
     def _step(self, admitted: list[Sequence]) -> None:
-        """One loop of the engine: start the admitted sequences, one step of each solo sequence, one
-        decode step of the batch."""
+        """One loop of the engine: start the admitted sequences, one decode step of the batch."""
         try:
             self._sweep()
             for s in admitted:
                 self._start(s)
             self._sweep()
-            self._step_solo()
             self._step_batch()
         except Exception as e:    # a bug, not a bad request: fail what runs, keep serving
-            for s in admitted + self.batch + self.solo:
+            for s in admitted + self.batch:
                 if s.state != "done":
                     self._fail(s, e)
-            self.batch, self.solo = [], []
+            self.batch = []
 
     def _shutdown(self) -> None:
         with self._cv:                    # shutting down: tell everyone still here
-            for s in list(self.waiting) + self.batch + self.solo:
+            for s in list(self.waiting) + self.batch:
                 if s.state != "done":
                     self._done(s, "shutdown", error=self._message("shutdown"))
             self.waiting.clear()
@@ -243,79 +245,56 @@ class Scheduler:
         self.metrics.observe("poegpt_queue_wait_seconds", s.started_at - s.submitted_at)
         s.stream = TextStream(self.tokenizer, p.stop, self.eos_token_id)
         try:
-            if p.spec.entry.batched:
-                s.mix = p.spec.stage_mix(self.model)
+            entry = p.spec.entry
+            s.row = p.spec.batch_row(self.model)
             if p.prompt_logprobs:
-                s.prompt_lp = self.logprobs.prompt(list(p.prompt), s.mix or p.spec.target_mix(self.model),
-                                                   p.logprobs or 0)
+                s.prompt_lp = self.logprobs.prompt(list(p.prompt), s.row.mix, p.logprobs or 0)
             if p.max_tokens == 0:
                 self._send(s, Event(s.index), "length")
-            elif p.spec.entry.batched:
-                self._start_batched(s)
-            else:
-                self._start_solo(s)
+                return
+            if not entry.static:         # what the mode reports: counts kept per sequence
+                s.gen = Generation([[]], stages_used=[[]] if s.row.exit else None, extra={"plain_steps": 0})
+                if entry.alone is not None and p.logprobs is None:
+                    s.alone = entry.alone(p.spec, self.model, p.sampling)
+            self._start_row(s)
         except Exception as e:   # one bad sequence must not take the engine down
             self._fail(s, e)
 
-    def _start_solo(self, s: Sequence) -> None:
-        """The mode's own step iterator (and a scorer of its target distribution when log-probs are asked for)."""
-        p = s.params
-        s.steps, s.gen = mode_steps(self.model, [list(p.prompt)], p.spec, p.max_tokens, p.sampling,
-                                    self.eos_token_id)
-        if p.logprobs is not None:
-            s.scorer = Scorer(self.model, p.prompt, p.max_tokens, p.spec.target_mix(self.model))
-        self.solo.append(s)
-
-    def _start_batched(self, s: Sequence) -> None:
-        """Prefill into the batch's next free row and pick the first token: exactly decode_static's
-        first step, on a one-row view of the shared cache."""
+    def _start_row(self, s: Sequence) -> None:
+        """Prefill into the batch's next free row and take the first token: exactly the mode's first
+        step alone, on a one-row view of the shared cache."""
         p = s.params
         s.generator = p.sampling.generator(self.device)
         row = len(self.batch)
         self.batch.append(s)
-        hs = prefill(self.model, self.cache.rows(row, row + 1), [list(p.prompt)], s.mix.depth)
+        hs = prefill(self.model, self.cache.rows(row, row + 1), [list(p.prompt)], s.row.mix.depth)
         s.length = len(p.prompt)
-        logp = s.mix.logprobs(self.model, hs)
-        self._emit(s, [int(pick(logp, p.sampling, s.generator))], [logp[0]])
+        self._take(s.row, [s], hs)
 
-    def _step_solo(self) -> None:
-        for s in list(self.solo):
-            if s.state != "running":
-                continue
-            try:
-                new = next(s.steps)[0]
-            except StopIteration:
-                self._send(s, Event(s.index, s.stream.finish()), "length")
-                continue
-            except Exception as e:
-                self._fail(s, e)
-                continue
-            try:
-                self._emit(s, new, None)
-            except Exception as e:
-                self._fail(s, e)
-        self._sweep()
+    def _take(self, row: BatchRow, seqs: list[Sequence], hs: list) -> None:
+        """Each sequence's next token from the boundary states hs [(n, d)] of its rows (all of one BatchRow)."""
+        if row.exit is None:
+            logp = row.mix.logprobs(self.model, hs)
+            for j, s in enumerate(seqs):
+                self._emit(s, [int(pick(logp[j:j + 1], s.params.sampling, s.generator))], [logp[j]])
+            return
+        logps = [F.log_softmax(self.model.stage_logits(h, k), -1) for k, h in enumerate(hs)]
+        tokens, stages = exit_tokens(logps, *row.exit)
+        logp = row.mix.combine(logps)            # the log-probs reported: full PoE, WAND's target
+        for j, (s, t, stage) in enumerate(zip(seqs, tokens.tolist(), stages.tolist())):
+            s.gen.stages_used[0].append(stage)
+            self._emit(s, [t], [logp[j]])
 
     def _step_batch(self) -> None:
         rows = list(self.batch)            # all running: finished rows were swept before this step
         if not rows:
             return
         n = len(rows)
-        view = self.cache.rows(0, n, [s.length for s in rows])
-        idx = torch.tensor([[s.pending] for s in rows], device=self.device)
         try:
-            hs = self.model.trunk(idx, max(s.mix.depth for s in rows), view)
-            for s in rows:
-                s.length += 1
-            groups: dict[StageMix, list[int]] = {}
-            for r, s in enumerate(rows):
-                groups.setdefault(s.mix, []).append(r)
-            for mix, ix in groups.items():
-                sel = torch.tensor(ix, device=self.device)
-                logp = mix.logprobs(self.model, [h[sel, -1] for h in hs])
-                for j, r in enumerate(ix):
-                    s = rows[r]
-                    self._emit(s, [int(pick(logp[j:j + 1], s.params.sampling, s.generator))], [logp[j]])
+            if n == 1 and rows[0].alone is not None and not self.waiting:
+                self._cycle_alone(rows[0])
+            else:
+                self._step_rows(rows)
         except Exception as e:
             for s in rows:
                 if s.state == "running":
@@ -323,6 +302,37 @@ class Scheduler:
         self.metrics.inc("poegpt_decode_steps_total")
         self.metrics.observe("poegpt_decode_batch_size", n)
         self._sweep()
+
+    def _step_rows(self, rows: list[Sequence]) -> None:
+        """One token for every row: one trunk walk to the deepest stage any row needs."""
+        view = self.cache.rows(0, len(rows), [s.length for s in rows])
+        idx = torch.tensor([[s.pending] for s in rows], device=self.device)
+        hs = self.model.trunk(idx, max(s.row.mix.depth for s in rows), view)
+        groups: dict[BatchRow, list[int]] = {}
+        for r, s in enumerate(rows):
+            s.length += 1
+            groups.setdefault(s.row, []).append(r)
+            if s.gen is not None:          # a non-static mode's plain step (speculative: of its verifier)
+                s.gen.passes += 1
+                s.gen.extra["plain_steps"] += s.row.exit is None
+        for row, ix in groups.items():
+            sel = torch.tensor(ix, device=self.device)
+            self._take(row, [rows[r] for r in ix], [h[sel, -1] for h in hs[: row.mix.depth]])
+
+    def _cycle_alone(self, s: Sequence) -> None:
+        """The lone row's own cycle (speculative: draft and verify, or a plain step) on its cache row."""
+        view = self.cache.rows(0, 1, [s.length])
+        room = view.max_len - 1 - s.length
+        idx, m, last, k = s.alone.cycle(view, torch.tensor([s.pending], device=self.device), room)
+        m = int(m[0])
+        s.length += m + 1
+        g = s.gen
+        g.passes += 1
+        g.drafted, g.accepted = g.drafted + k, g.accepted + m
+        g.extra["plain_steps"] += k == 0
+        if k:
+            s.alone.update(m, k)
+        self._emit(s, idx[0, 1:m + 1].tolist() + [int(last[0])], None)
 
     def _sweep(self) -> None:
         """Drop finished sequences; the batch's last row moves into each freed row."""
@@ -333,7 +343,6 @@ class Scheduler:
                     self.cache.move_row(last, i, self.batch[last].length)
                     self.batch[i] = self.batch[last]
                 self.batch.pop()
-        self.solo = [s for s in self.solo if s.state != "done"]
 
     # --- tokens out -----------------------------------------------------------------------------
     def _emit(self, s: Sequence, tokens: list[int], logps: list[torch.Tensor] | None) -> None:
@@ -343,8 +352,7 @@ class Scheduler:
         for i, t in enumerate(tokens):
             t = int(t)
             if entries is not None:
-                lp = logps[i] if logps is not None else s.scorer.score(t)
-                entries.append(self.logprobs.entry(t, lp, p.logprobs, len(s.stream.text)))
+                entries.append(self.logprobs.entry(t, logps[i], p.logprobs, len(s.stream.text)))
             s.tokens.append(t)
             taken.append(t)
             delta, reason = s.stream.push(t)
@@ -382,14 +390,12 @@ class Scheduler:
         event.finish_reason, event.error = reason, error
         if s.started_at is not None:
             event.poe = self.poe_info(s)
-        if s.steps is not None:
-            s.steps.close()
-        s.steps = s.scorer = s.generator = None
+        s.alone = s.generator = None
         self.metrics.inc("poegpt_sequences_finished_total", mode=s.mode, reason=reason)
         if s.first_token_at is not None and len(s.tokens) > 1:
             self.metrics.observe("poegpt_time_per_output_token_seconds",
                                  (s.finished_at - s.first_token_at) / (len(s.tokens) - 1))
-        if s.gen is not None:             # a solo sequence that ran: the counters its mode's report feeds
+        if s.gen is not None:             # a non-static sequence that ran: the counters its mode's report feeds
             record_report(self.metrics, event.poe)
         self._deliver(s, event)
 

@@ -12,9 +12,9 @@ from typing import Callable
 
 import torch
 
-from ..engine import Sampling, StageMix
-from ..modes import ModeSpec
-from .logprobs import Scorer, TokenLogprob
+from ..engine import Sampling
+from ..modes import BatchRow, ModeSpec
+from .logprobs import TokenLogprob
 from ..textstream import TextStream
 
 FAILED = ("timeout", "error", "shutdown")    # finish reasons that end a request with an error
@@ -62,15 +62,13 @@ class Sequence:
         self.submitted_at = self.started_at = self.first_token_at = self.finished_at = None
         self.stream: TextStream | None = None
         self.prompt_lp: list[TokenLogprob] | None = None
-        # batched modes: a row of the shared cache
-        self.mix: StageMix | None = None
+        # its row of the shared cache
+        self.row: BatchRow | None = None   # how its mode takes a token in the shared step
         self.generator: torch.Generator | None = None
         self.length = 0                    # tokens in its cache row
         self.pending: int | None = None    # the last token, fed at the next decode step
-        # solo modes: a step iterator of its own
-        self.steps = None
-        self.gen = None
-        self.scorer: Scorer | None = None
+        self.gen = None                    # a non-static mode's counts (its report)
+        self.alone = None                  # the mode's own cycles when the row runs alone (speculative)
 
     @property
     def mode(self) -> str:

@@ -48,7 +48,7 @@ def poe_config(hf_config) -> PoEConfig:
 
 def override_keys() -> dict[str, list[str]]:
     """Each batched mode of the mode table that takes fields -> its config keys (`poe_<field>`)."""
-    return {m.name: [OVERRIDE_PREFIX + f.name for f in m.fields] for m in MODES.values() if m.batched and m.fields}
+    return {m.name: [OVERRIDE_PREFIX + f.name for f in m.fields] for m in MODES.values() if m.static and m.fields}
 
 
 def served_mix(hf_config, cfg: PoEConfig) -> StageMix:
