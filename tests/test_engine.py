@@ -132,9 +132,11 @@ def test_speculative_greedy_is_identical_to_full_greedy(model, request, which):
         for d in range(K - 1):
             for k in (1, 2, 3, 5, "auto"):
                 out, acc = m.generate_speculative(ids, draft_stage=d, k_draft=k, max_new_tokens=16,
-                                                  return_acceptance=True)
+                                                  return_acceptance=True, fallback="never")
                 assert torch.equal(out, full), (B, d, k)
                 assert 0.0 <= acc <= 1.0
+        # the planner's choice (draft stage, length, or plain steps) never changes the tokens
+        assert torch.equal(m.generate_speculative(ids, draft_stage="auto", k_draft="auto", max_new_tokens=16), full)
     if which != "random":    # a trained draft agrees with the verifier well above chance
         _, acc = m.generate_speculative(rows[:1], draft_stage=2, k_draft=3, max_new_tokens=24, return_acceptance=True,
                                         fallback="never")
@@ -151,9 +153,55 @@ def test_dense_verified_speculative_greedy_equals_dense_greedy(model, B):
     for d in range(K - 1):
         for k in (1, 3, "auto"):
             out, acc = model.generate_speculative(rows, draft_stage=d, k_draft=k, max_new_tokens=16,
-                                                  verifier="dense", return_acceptance=True)
+                                                  verifier="dense", return_acceptance=True, fallback="never")
             assert torch.equal(out, dense), (B, d, k)
             assert 0.0 <= acc <= 1.0
+
+
+def planted_costs(model, plain: float, draft: float, verify: float, B: int = 1):
+    """The eager cost record of `model` at batch B with every pass's time planted (smaller than any measured,
+    so the planted ones stay the best seen)."""
+    from poegpt.speculative import AUTO_DRAFTS, pass_costs
+    costs = pass_costs(model, (False, B, "poe", torch.float32))
+    costs.seconds = {("plain",): plain, **{("draft", d): draft for d in range(K - 1)},
+                     **{("verify", d, k): verify for d in range(K - 1) for k in AUTO_DRAFTS + (3,)}}
+    costs.agree.clear()
+    return costs
+
+
+def test_planner_picks_the_plan_of_highest_expected_tokens_per_second(model):
+    """The cost model by hand: tau(alpha, k) / ((k+1) c_draft + c_verify) against 1 / c_plain."""
+    from poegpt.speculative import AUTO_DRAFTS, PassCosts, Planner, expected_tokens
+    costs = PassCosts(seconds={("plain",): 1.0, **{("draft", d): 0.05 * (d + 1) for d in range(K - 1)},
+                               **{("verify", d, k): 0.6 + 0.02 * k for d in range(K - 1) for k in AUTO_DRAFTS}})
+    costs.agree = {0: [50, 100], 1: [80, 100], 2: [95, 100]}
+    plan = Planner(model, costs, "auto", "auto", adapt=True)
+    rate = {(d, k): expected_tokens(plan.alpha(d), k) / ((k + 1) * 0.05 * (d + 1) + 0.6 + 0.02 * k)
+            for d in range(K - 1) for k in AUTO_DRAFTS}
+    assert plan.choose(100) == max(rate, key=rate.get) and max(rate.values()) > 1.0
+    assert plan.choose(2) == max((dk for dk in rate if dk[1] <= 2), key=rate.get)     # k fits the cache
+    assert Planner(model, costs, 1, 3, adapt=True).choose(100) == (1, 3)             # fixed: drafting pays
+    costs.seconds[("plain",)] = 0.2                                                  # now a plain step wins
+    assert Planner(model, costs, "auto", "auto", adapt=True).choose(100)[1] == 0
+    assert Planner(model, costs, 1, 3, adapt=False).choose(100) == (1, 3)            # fallback never: it drafts
+    fresh = Planner(model, PassCosts(), "auto", "auto", adapt=True)
+    assert fresh.choose(100)[1] == 0                                                 # the yardstick is timed first
+
+
+@pytest.mark.parametrize("expensive", ["draft", "plain"])
+def test_speculative_falls_back_or_drafts_as_the_costs_say_with_identical_tokens(expensive):
+    """Planted pass costs steer a generation wholly to plain steps (drafting would not pay) or wholly to
+    draft-verify cycles; the tokens equal full greedy either way."""
+    m = build_random_model(seed=5)          # its own cost record
+    rows = prompts(3, seed=2)[:1]
+    full = m.generate(rows, max_new_tokens=19)
+    planted_costs(m, 1e-9, 1.0, 1.0) if expensive == "draft" else planted_costs(m, 1.0, 1e-9, 1e-9)
+    gen = run_mode(m, rows, ModeSpec("speculative", draft_stage="auto", k_draft="auto"), 19)
+    assert gen.tokens[0] == full[0, len(rows[0]):].tolist()
+    if expensive == "draft":
+        assert gen.extra["plain_steps"] == 19 and gen.drafted == 0
+    else:
+        assert gen.extra["plain_steps"] == 0 and gen.drafted > 0 and gen.passes < 19
 
 
 @pytest.mark.parametrize("verifier", ["poe", "dense"])
