@@ -106,7 +106,7 @@ tensors["mode_stage"] = model.generate_stage(ids, stage=0, max_new_tokens=12)
 out, res["wand_stages"] = model.generate_wand(ids, max_new_tokens=12, return_stages_used=True)
 tensors["mode_wand"] = out
 out, res["spec_acceptance"] = model.generate_speculative(ids, draft_stage=1, k_draft=3, max_new_tokens=12,
-                                                         return_acceptance=True)
+                                                         return_acceptance=True, fallback="never")
 tensors["mode_speculative"] = out
 tensors["mode_speculative_auto_sampled"] = model.generate_speculative(inputs["rows"], draft_stage=0, k_draft="auto",
                                                                       max_new_tokens=12, do_sample=True, seed=3)
@@ -298,7 +298,8 @@ def test_six_modes_equal_native(exported, remote):
     assert torch.equal(t["mode_stage"], model.generate_stage(ids, stage=0, max_new_tokens=12))
     out, stages = model.generate_wand(ids, max_new_tokens=12, return_stages_used=True)   # bounds from the checkpoint
     assert torch.equal(t["mode_wand"], out) and res["wand_stages"] == stages
-    out, acceptance = model.generate_speculative(ids, draft_stage=1, k_draft=3, max_new_tokens=12, return_acceptance=True)
+    out, acceptance = model.generate_speculative(ids, draft_stage=1, k_draft=3, max_new_tokens=12, return_acceptance=True,
+                                                 fallback="never")
     assert torch.equal(t["mode_speculative"], out) and res["spec_acceptance"] == acceptance
     assert torch.equal(t["mode_speculative_auto_sampled"], model.generate_speculative(
         inputs["rows"], draft_stage=0, k_draft="auto", max_new_tokens=12, do_sample=True, seed=3))

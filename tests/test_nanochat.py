@@ -109,7 +109,7 @@ def assert_dense_verified_equals_nanochat(model):
         for k in (1, 3, "auto"):
             for batch in [[r] for r in range(len(rows))] + [list(range(len(rows)))]:
                 out = model.generate_speculative([rows[r] for r in batch], draft_stage=d, k_draft=k,
-                                                 max_new_tokens=n, verifier="dense")
+                                                 max_new_tokens=n, verifier="dense", fallback="never")
                 for i, r in enumerate(batch):
                     assert out[i, len(rows[r]):len(rows[r]) + n].tolist() == want[r], (d, k, batch)
 
