@@ -55,8 +55,19 @@ def run(model, rows, spec, n, batch):
         merged.drafted += gen.drafted
         merged.passes += gen.passes
         for key, value in gen.extra.items():
-            merged.extra[key] = merged.extra.get(key, 0) + value * len(gen.tokens) / len(rows)
+            if isinstance(value, list):            # counts per draft stage: summed
+                merged.extra[key] = [x + y for x, y in zip(merged.extra.get(key, [0] * len(value)), value)]
+            elif key == "plain_steps":             # a count: summed
+                merged.extra[key] = merged.extra.get(key, 0) + value
+            else:                                  # a per-token rate: weighted by the chunk's rows
+                merged.extra[key] = merged.extra.get(key, 0) + value * len(gen.tokens) / len(rows)
     return merged, time.perf_counter() - t0
+
+
+def plan(gen) -> dict:
+    """A speculative run's plan: the share of its steps that were plain, and its cycles per draft stage."""
+    plain = gen.extra.get("plain_steps", 0)
+    return {"plain_share": plain / max(gen.passes, 1), "cycles_by_draft_stage": gen.extra.get("draft_stages", [])}
 
 
 def best_of(fn, repeats):
@@ -153,6 +164,8 @@ def measure_mode(model, rows, label, spec, a, hf_rows, reference) -> dict:
                 row.update(acceptance=gen.acceptance, tau=n / max(gen.passes, 1))
             if spec.mode == "wand":
                 row.update(gen.extra)
+        if spec.mode == "speculative":   # what the planner chose: plain steps and cycles per draft stage
+            row[f"b{B}_eager_plan"] = plan(gen)
         if spec.mode == "wand":
             row[f"b{B}_eager_layers_per_token"] = gen.extra["layers_per_token"]
             row[f"b{B}_eager_deep_fraction"] = gen.extra["deep_fraction"]
@@ -165,6 +178,8 @@ def measure_mode(model, rows, label, spec, a, hf_rows, reference) -> dict:
             cgen, cdt = best_of(lambda: run(model, rows, spec, a.tokens, B), a.repeats)
             row[f"b{B}_compiled_tok_s"] = n / cdt
             row[f"b{B}_compiled_identical"] = cgen.tokens == gen.tokens
+            if spec.mode == "speculative":
+                row[f"b{B}_compiled_plan"] = plan(cgen)
             if spec.mode == "wand":
                 row[f"b{B}_compiled_layers_per_token"] = cgen.extra["layers_per_token"]
                 row[f"b{B}_compiled_deep_fraction"] = cgen.extra["deep_fraction"]
@@ -204,6 +219,10 @@ def print_tables(name, cfg, a, rows, machine, hf_rows, results) -> None:
         if paths:
             print(f"{r['mode']}: layers executed per token by batch and path (deep steps, agreement with full): "
                   + ", ".join(paths))
+        plans = [f"b{B} {path} {p['plain_share']:.0%} plain, cycles by draft stage {p['cycles_by_draft_stage']}"
+                 for B in a.batches for path in ("eager", "compiled") if (p := r.get(f"b{B}_{path}_plan"))]
+        if plans:
+            print(f"{r['mode']}: the planner's steps: " + ", ".join(plans))
 
 
 def main():

@@ -167,16 +167,23 @@ def pass_costs(model, key: tuple) -> PassCosts:
     return _COSTS.setdefault(model, {}).setdefault(key, PassCosts())
 
 
-def _weight_share(model, d: int, verify: bool) -> float:
-    """The share of a plain step's matmul weights a draft (stages 0..d) or verify (the rest, every head)
-    pass reads: the cost model's guess for a pass not yet timed, scaled by what the timed ones showed."""
-    cfg = model.config
-    b, head = cfg.boundaries, cfg.padded_vocab_size * cfg.n_embd
-    layers = [model._layer_matmul_params(i) for i in range(cfg.n_layer)]
-    total = sum(layers) + cfg.n_stages * head
-    if verify:
-        return (sum(layers[b[d] + 1:]) + cfg.n_stages * head) / total
-    return (sum(layers[: b[d] + 1]) + (d + 1) * head) / total
+_SHARES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def weight_shares(model) -> dict:
+    """The share of a plain step's matmul weights each pass reads: ("draft", d) stages 0..d and their
+    heads, ("verify", d) the rest and every head. The cost model's guess for a pass not yet timed
+    (scaled by what the timed ones showed); counted once per model (it walks every module)."""
+    if model not in _SHARES:
+        cfg = model.config
+        b, head = cfg.boundaries, cfg.padded_vocab_size * cfg.n_embd
+        layers = [model._layer_matmul_params(i) for i in range(cfg.n_layer)]
+        total = sum(layers) + cfg.n_stages * head
+        _SHARES[model] = {**{("draft", d): (sum(layers[: b[d] + 1]) + (d + 1) * head) / total
+                             for d in range(cfg.n_stages - 1)},
+                          **{("verify", d): (sum(layers[b[d] + 1:]) + cfg.n_stages * head) / total
+                             for d in range(cfg.n_stages - 1)}}
+    return _SHARES[model]
 
 
 class Planner:
@@ -186,6 +193,7 @@ class Planner:
         self.model, self.costs, self.adapt = model, costs, adapt
         self.stages = list(range(model.config.n_stages - 1)) if draft_stage == "auto" else [draft_stage]
         self.ks = AUTO_DRAFTS if k_draft == "auto" else (k_draft,)
+        self.shares = weight_shares(model)
         self.accepted, self.drafted = 0.0, 0.0          # this generation's running counts (forgetting)
         self.plain_run = 0
 
@@ -193,20 +201,20 @@ class Planner:
         prior = self.costs.agreement(d)
         return (self.accepted + PRIOR_WEIGHT * prior) / (self.drafted + PRIOR_WEIGHT)
 
-    def cost(self, key) -> float | None:
-        """Measured seconds of a pass, else the weight-share guess scaled as the measured passes were."""
+    def cost(self, key, scale: float) -> float | None:
+        """Measured seconds of a pass, else its weight share of a plain step, times `scale`."""
         c = self.costs.seconds
         if key in c:
             return c[key]
         plain = c.get(("plain",))
-        if plain is None:
-            return None
-        ratios = [c[k] / (plain * self._share(k)) for k in c if k[0] != "plain"]
-        scale = sum(ratios) / len(ratios) if ratios else 1.0
-        return scale * plain * self._share(key)
+        return None if plain is None else scale * plain * self.shares[key[:2]]
 
-    def _share(self, key) -> float:
-        return _weight_share(self.model, key[1], key[0] == "verify")
+    def scale(self) -> float:
+        """How the timed passes compare with their weight share of a plain step (1.0 before any is timed)."""
+        c = self.costs.seconds
+        plain = c.get(("plain",))
+        ratios = [t / (plain * self.shares[k[:2]]) for k, t in c.items() if k[0] != "plain"] if plain else []
+        return sum(ratios) / len(ratios) if ratios else 1.0
 
     def choose(self, room: int) -> tuple[int, int]:
         """(draft stage, k); k = 0 is a plain step."""
@@ -220,11 +228,11 @@ class Planner:
         plain = self.costs.seconds.get(("plain",))
         if plain is None:                     # the plain step's cost is the yardstick: time it first
             return d0, 0
-        best, plan = 1.0 / plain, (d0, 0)
+        best, plan, scale = 1.0 / plain, (d0, 0), self.scale()
         for d in self.stages:
-            c_draft = self.cost(("draft", d))
+            c_draft = self.cost(("draft", d), scale)
             for k in ks:
-                c_verify = self.cost(("verify", d, k))
+                c_verify = self.cost(("verify", d, k), scale)
                 if c_draft is None or c_verify is None:
                     return first
                 rate = expected_tokens(self.alpha(d), k) / ((k + 1) * c_draft + c_verify)
@@ -233,7 +241,7 @@ class Planner:
         if plan[1] == 0:
             self.plain_run += 1
             if self.plain_run % PROBE_EVERY == 0:   # now and then a short cycle, so the acceptance can recover
-                return min(self.stages, key=lambda d: self.cost(("draft", d)) or 0), min(ks)
+                return min(self.stages, key=lambda d: self.cost(("draft", d), scale)), min(ks)
         else:
             self.plain_run = 0
         return plan
@@ -332,7 +340,7 @@ class Speculator:
         # a seeded sampled generation keeps one plan: measured costs vary from run to run, its seed must not
         adapt = fallback == "auto" and (sampling.greedy or sampling.seed is None)
         self.planner = Planner(model, self.costs, draft_stage, k_draft, adapt)
-        self.plain_steps, self.draft_stages = 0, [0] * (model.config.n_stages - 1)
+        self.draft_stages = [0] * (model.config.n_stages - 1)
 
     @torch.no_grad()
     def cycle(self, cache, pending: torch.Tensor, room: int):
@@ -344,7 +352,6 @@ class Speculator:
             pos = _positions(cache.lengths, 0, 1, device)[:, 0]
             with one_row_matmuls(self.model, B):
                 p = timed(costs, ("plain",), device, step.plain, pending, pos)
-            self.plain_steps += 1
             return pending[:, None], torch.zeros(B, dtype=torch.long, device=device), pick(p, sampling, self.generator), 0
         # --- draft: stages 0..d, one token at a time, writing the shared cache ------------------------------
         tokens, states, shallow, draft_logps = [pending], [], [], []
@@ -429,7 +436,6 @@ def speculative_steps(model, rows: list[list[int]], draft_stage, k_draft, max_ne
     while any(active):
         room = min(capacity - 1 - n for n, a in zip(cache.lengths, active) if a)
         idx, m, last, k = spec.cycle(cache, pending, room)
-        gen.extra["plain_steps"] = spec.plain_steps
         emitted, commit, acc = [[] for _ in range(B)], [0] * B, 0
         for r, (m_r, last_r) in enumerate(zip(m.tolist(), last.tolist())):
             if not active[r]:
@@ -440,6 +446,7 @@ def speculative_steps(model, rows: list[list[int]], draft_stage, k_draft, max_ne
                 new = new[: new.index(eos_token_id) + 1]
             emitted[r] = new
             gen.drafted += k
+            gen.extra["plain_steps"] += k == 0
             gen.accepted += m_r
             acc += m_r
             gen.passes += 1
