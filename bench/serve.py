@@ -3,7 +3,7 @@
 By default it starts two `poegpt serve` processes on free loopback ports on the same model (the
 shipped demo model unless --model): one batching (`--max-batch 16`), one not (`--max-batch 1`, every
 request waits for the one running before it). Then for each PoE mode (full and speculative by
-default) and each concurrency level (1, 4, 16), that many client threads send streaming
+default: full, speculative and WAND) and each concurrency level (1, 4, 16), that many client threads send streaming
 /v1/completions requests back to back, first to the batching server and right after to the other,
 so that each on/off pair is measured side by side under the same machine load.
 
@@ -11,7 +11,9 @@ Per cell: requests, generated tokens, wall time, tokens/s over all clients, time
 (TTFT) p50/p99, inter-token latency (ITL: the gap between consecutive chunks that carry tokens,
 pooled over all requests, as vLLM's serving benchmark counts it; a speculative chunk may carry
 several tokens) p50/p99, end-to-end latency p50/p99, and the mean rows per batched decode step read
-from the server's /metrics. Then the on/off ratios, and one JSON line.
+from the server's /metrics. Then the on/off ratios, each mode's throughput against full mode's on
+the same server at the same concurrency (every mode runs in the one continuous batch), and one
+JSON line.
 
 Bounded: at most --requests per cell (default max(8, 2 x concurrency)) and --cell-seconds per cell
 (no new request starts after that; those running finish), greedy, --max-tokens new tokens each.
@@ -186,7 +188,7 @@ def finite(x):
 
 
 def rows_per_step(r: dict) -> str:
-    """Mean rows per batched decode step; '-' when none ran (WAND and speculative run as their own jobs)."""
+    """Mean rows per batched decode step; '-' when none ran."""
     x = r["mean_batch_rows"]
     return f"{x:.2f}" if x == x else "-"
 
@@ -206,7 +208,7 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="the launched servers' --threads")
     ap.add_argument("--served-name", help="model name to send (default: the first of /v1/models)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--modes", nargs="+", default=["full", "speculative"])
+    ap.add_argument("--modes", nargs="+", default=["full", "speculative", "wand"])
     ap.add_argument("--mode-fields", default="{}", help='PoE fields per mode as JSON, e.g. \'{"prefix": {"max_stages": 2}}\'')
     ap.add_argument("--requests", type=int, default=None, help="requests per cell (default: max(8, 2 x concurrency))")
     ap.add_argument("--cell-seconds", type=float, default=60.0, help="no new request starts after this, per cell")
@@ -275,10 +277,21 @@ def main():
                 ratios.append({"mode": mode, "concurrency": k, **q})
                 print(f"{mode:<12}{k:>5}{q['tok_s']:>8.2f}{q['ttft_p50']:>10.2f}{q['itl_p50']:>9.2f}"
                       f"{q['latency_p50']:>9.2f}")
+    vs_full = []
+    if "full" in a.modes and len(a.modes) > 1:
+        print("\nthroughput against full mode (same server and concurrency)")
+        print(f"{'mode':<12}{'server':<14}{'conc':>5}{'tok/s':>8}")
+        for c in cells:
+            f = next((x for x in cells if x["mode"] == "full" and x["server"] == c["server"]
+                      and x["concurrency"] == c["concurrency"]), None)
+            if c["mode"] != "full" and f is not None and f["tok_s"]:
+                vs_full.append({"mode": c["mode"], "server": c["server"], "concurrency": c["concurrency"],
+                                "tok_s": c["tok_s"] / f["tok_s"]})
+                print(f"{c['mode']:<12}{c['server']:<14}{c['concurrency']:>5}{vs_full[-1]['tok_s']:>8.2f}")
     print(json.dumps(finite({"bench": "serve", "model": name, "max_tokens": a.max_tokens, "servers": [s[0] for s in servers],
                       "threads": a.threads, "load_avg_before": load_before, "load_avg_after": load_after,
                       "cpus": os.cpu_count(), "dtype": a.dtype, "machine": machine, "cells": cells,
-                      "ratios_on_off": ratios})))
+                      "ratios_on_off": ratios, "ratios_vs_full": vs_full})))
 
 
 if __name__ == "__main__":

@@ -262,7 +262,7 @@ def cmd_calibrate(a) -> None:
     from .checkpoint import load_model, read_meta, resolve_checkpoint
     from .data import TokenLoader
     from .fileio import write_json_atomic
-    from .speculative import measure_draft_thresholds
+    from .speculative import measure_draft_agreement
     from .wand import measure_bounds
     from .hardware import resolve_dtype, set_threads
     set_threads(a.threads)
@@ -273,13 +273,13 @@ def cmd_calibrate(a) -> None:
     loader = TokenLoader(a.data, "val", a.batch_size, T, case_aug_p=0.0)
     bounds = measure_bounds(model, loader.iter_batches(n_batches), quantile=a.quantile)
     loader = TokenLoader(a.data, "val", a.batch_size, T, case_aug_p=0.0)
-    thresholds = measure_draft_thresholds(model, loader.iter_batches(n_batches))
+    agreement = measure_draft_agreement(model, loader.iter_batches(n_batches))
     meta = read_meta(ckpt)
-    meta["calibration"] = {**bounds, "speculative_threshold": thresholds, "data": str(a.data)}
+    meta["calibration"] = {**bounds, "speculative_agreement": agreement, "data": str(a.data)}
     write_json_atomic(ckpt / "meta.json", meta, indent=2)
     print(f"WAND p{100 * a.quantile:g} bounds per stage: " + ", ".join(f"{b:.3f}" for b in bounds["wand_p99_bounds"])
           + f" (over {bounds['positions']:,} positions)")
-    print("speculative auto-draft thresholds by draft stage: " + ", ".join(f"s{k}: {v:.3f}" for k, v in thresholds.items()))
+    print("draft agreement with full PoE by draft stage: " + ", ".join(f"s{k}: {v:.3f}" for k, v in agreement.items()))
     print(f"stored in {ckpt / 'meta.json'}")
 
 

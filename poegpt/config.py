@@ -232,18 +232,18 @@ PRESETS = {"tiny": _tiny, "small": _small, "demo": _demo, "1.5b": _card_1_5b}
 @dataclass(frozen=True)
 class Calibration:
     """What `poegpt calibrate` measured on a checkpoint, stored in its meta.json["calibration"]:
-    WAND's p99 bounds (one per stage but the last) and, per draft stage, the draft confidence above
-    which `k_draft="auto"` keeps drafting. Read by the mode table only (`modes.py`)."""
+    WAND's p99 bounds (one per stage but the last), read by the mode table, and per draft stage how
+    often its prefix PoE has the full-PoE argmax, the speculative planner's prior acceptance."""
     wand_p99_bounds: tuple[float, ...] | None = None
-    speculative_threshold: tuple[tuple[str, float], ...] = ()
+    speculative_agreement: tuple[tuple[str, float], ...] = ()
 
     @classmethod
     def from_meta(cls, calibration: dict | None) -> "Calibration":
         c = calibration or {}
         bounds = c.get("wand_p99_bounds")
-        thresholds = c.get("speculative_threshold") or {}
+        agreement = c.get("speculative_agreement") or {}
         return cls(None if bounds is None else tuple(float(b) for b in bounds),
-                   tuple(sorted((str(k), float(v)) for k, v in thresholds.items())))
+                   tuple(sorted((str(k), float(v)) for k, v in agreement.items())))
 
-    def draft_threshold(self, draft_stage: int, default: float) -> float:
-        return dict(self.speculative_threshold).get(str(draft_stage), default)
+    def draft_agreement(self, draft_stage: int, default: float) -> float:
+        return dict(self.speculative_agreement).get(str(draft_stage), default)

@@ -20,11 +20,12 @@ distribution, so greedy output equals `generate_stage(ids, K-1)` and sampling fo
 
 Adaptive, never losing (`fallback="auto"`, the default): before every cycle a cost model compares
 speculating k tokens, at τ(α, k) = (1 − α^{k+1}) / (1 − α) expected tokens per row for a cycle of
-(k+1)·c_draft + c_verify(k), with a plain step of the verifier (one token per c_plain); it takes
-the faster, so a configuration that would lose decodes plainly instead. The c's are the measured
-pass costs (the best wall time seen of each pass at this batch size, kept per model, so measured
-once per process); α is this generation's running acceptance, its prior the agreement of the draft
-stage with the verifier measured by every earlier verify pass. `k_draft="auto"` also picks k, and
+(k+1)·c_draft + c_verify(k), with a plain step of the verifier (one token per c_plain); it drafts
+only when that promises 5 % more tokens per second, so a configuration that would lose decodes
+plainly instead. The c's are measured wall times (whole cycles and plain steps where timed, else
+the passes; kept per model and batch size for the process, see `PassCosts`); α is this generation's
+running acceptance, its prior the agreement of the draft stage with the verifier measured by every
+earlier verify pass (or by `poegpt calibrate`). `k_draft="auto"` also picks k, and
 `draft_stage="auto"` the draft stage, from the same model. The output is the same whichever plan
 runs (greedy: identical tokens; sampling: exactly the verifier's distribution at every token); only
 a seeded sampled generation keeps one fixed plan, so that its seed reproduces it.
@@ -53,8 +54,10 @@ VERIFIERS = ("poe", "dense")
 FALLBACKS = ("auto", "never")
 PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.6, 4.0   # a draft stage's agreement before any verify measured it, worth 4 drafts
 FORGET = 0.9                       # per cycle: the running acceptance follows the text being written
-PROBE_EVERY = 32                   # plain steps between two probe cycles (k = 1) that re-measure the acceptance
-MEASURE = 8                        # timed calls per pass shape; after that no pass is timed (no host sync)
+PROBE_EVERY = 32                   # plain steps before a probe cycle re-measures the acceptance (doubling after each)
+MARGIN = 0.05                      # drafting must promise 5 % more tokens/s than plain steps: never lose to noise
+MEASURE = 8                        # calls per pass shape whose best time is its cost; then it tracks (GPU: stops)
+TRACK = 0.05                       # after MEASURE calls a pass's cost follows each new time by 5 % (machines drift)
 
 
 def verifier_mix(K: int, verifier: str, alpha: float = 0.0) -> StageMix:
@@ -134,29 +137,36 @@ class SpeculativeStep:
 
 @dataclass
 class PassCosts:
-    """What the cost model knows of one model at one batch size and verifier: the best wall time seen
-    of each pass ("plain"; ("draft", d); ("verify", d, k)), and each draft stage's agreement with the
-    verifier counted by the verify passes. The first call of a pass shape is not counted (it compiles)."""
+    """What the cost model knows of one model at one batch size and verifier: the wall time of each
+    pass ("plain"; ("draft", d); ("verify", d, k)) and of whole steps (("step",): a plain step with its
+    pick and host work; ("cycle", d, k)), and each draft stage's agreement with the verifier counted
+    by the verify passes. The first call of a shape is not counted (it compiles); the best of the next
+    MEASURE is the cost, which then follows new times (TRACK, each clipped at twice the cost, so a
+    preempted call does not count) on a CPU, where timing is free; on a GPU timing needs a sync, so
+    it stops there."""
     seconds: dict = field(default_factory=dict)
     calls: dict = field(default_factory=dict)
     agree: dict = field(default_factory=dict)         # d -> [agreeing positions, positions]
 
-    def timing(self, key) -> bool:
-        return self.calls.get(key, 0) <= MEASURE
+    def timing(self, key, device) -> bool:
+        return device.type != "cuda" or self.calls.get(key, 0) <= MEASURE
 
     def note(self, key, seconds: float) -> None:
-        self.calls[key] = self.calls.get(key, 0) + 1
-        if self.calls[key] > 1:
-            self.seconds[key] = min(self.seconds.get(key, math.inf), seconds)
+        n = self.calls[key] = self.calls.get(key, 0) + 1
+        old = self.seconds.get(key, math.inf)
+        if 1 < n <= MEASURE + 1:
+            self.seconds[key] = min(old, seconds)
+        elif n > MEASURE + 1:
+            self.seconds[key] = old + TRACK * (min(seconds, 2 * old) - old)
 
     def note_agreement(self, counts: list[int], positions: int) -> None:
         for d, n in enumerate(counts):
             a = self.agree.setdefault(d, [0.0, 0.0])
             a[0], a[1] = a[0] + n, a[1] + positions
 
-    def agreement(self, d: int) -> float:
+    def agreement(self, d: int, prior: float = PRIOR_ACCEPTANCE) -> float:
         a, n = self.agree.get(d, (0.0, 0.0))
-        return (a + PRIOR_WEIGHT * PRIOR_ACCEPTANCE) / (n + PRIOR_WEIGHT)
+        return (a + PRIOR_WEIGHT * prior) / (n + PRIOR_WEIGHT)
 
 
 _COSTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -195,10 +205,10 @@ class Planner:
         self.ks = AUTO_DRAFTS if k_draft == "auto" else (k_draft,)
         self.shares = weight_shares(model)
         self.accepted, self.drafted = 0.0, 0.0          # this generation's running counts (forgetting)
-        self.plain_run = 0
+        self.plain_run, self.probe_every = 0, PROBE_EVERY
 
     def alpha(self, d: int) -> float:
-        prior = self.costs.agreement(d)
+        prior = self.costs.agreement(d, self.model.calibration.draft_agreement(d, PRIOR_ACCEPTANCE))
         return (self.accepted + PRIOR_WEIGHT * prior) / (self.drafted + PRIOR_WEIGHT)
 
     def cost(self, key, scale: float) -> float | None:
@@ -213,8 +223,22 @@ class Planner:
         """How the timed passes compare with their weight share of a plain step (1.0 before any is timed)."""
         c = self.costs.seconds
         plain = c.get(("plain",))
-        ratios = [t / (plain * self.shares[k[:2]]) for k, t in c.items() if k[0] != "plain"] if plain else []
+        ratios = [t / (plain * self.shares[k[:2]]) for k, t in c.items() if k[0] in ("draft", "verify")] if plain else []
         return sum(ratios) / len(ratios) if ratios else 1.0
+
+    def overhead(self) -> float:
+        """How whole timed cycles compare with the sum of their passes (acceptance, host work; 1.0 before any)."""
+        c = self.costs.seconds
+        r = [t / ((k[2] + 1) * c[("draft", k[1])] + c[("verify", k[1], k[2])]) for k, t in c.items()
+             if k[0] == "cycle" and ("draft", k[1]) in c and ("verify", k[1], k[2]) in c]
+        return sum(r) / len(r) if r else 1.0
+
+    def cycle_cost(self, d: int, k: int, scale: float, overhead: float) -> float:
+        """A whole cycle's seconds: measured, else its passes' (measured or guessed) times the overhead."""
+        c = self.costs.seconds
+        if ("cycle", d, k) in c:
+            return c[("cycle", d, k)]
+        return overhead * ((k + 1) * self.cost(("draft", d), scale) + self.cost(("verify", d, k), scale))
 
     def choose(self, room: int) -> tuple[int, int]:
         """(draft stage, k); k = 0 is a plain step."""
@@ -225,25 +249,22 @@ class Planner:
         first = (d0, FIRST_K if FIRST_K in ks else ks[0])
         if not self.adapt:
             return first
-        plain = self.costs.seconds.get(("plain",))
-        if plain is None:                     # the plain step's cost is the yardstick: time it first
+        plain = self.costs.seconds.get(("step",))      # a whole plain step: its pass, the pick, the host work
+        if plain is None or ("plain",) not in self.costs.seconds:   # the yardstick: time it first
             return d0, 0
-        best, plan, scale = 1.0 / plain, (d0, 0), self.scale()
+        best, plan, scale, overhead = (1 + MARGIN) / plain, (d0, 0), self.scale(), self.overhead()
         for d in self.stages:
-            c_draft = self.cost(("draft", d), scale)
             for k in ks:
-                c_verify = self.cost(("verify", d, k), scale)
-                if c_draft is None or c_verify is None:
-                    return first
-                rate = expected_tokens(self.alpha(d), k) / ((k + 1) * c_draft + c_verify)
+                rate = expected_tokens(self.alpha(d), k) / self.cycle_cost(d, k, scale, overhead)
                 if rate > best:
                     best, plan = rate, (d, k)
         if plan[1] == 0:
             self.plain_run += 1
-            if self.plain_run % PROBE_EVERY == 0:   # now and then a short cycle, so the acceptance can recover
+            if self.plain_run >= self.probe_every:   # now and then a short cycle, so the acceptance can recover
+                self.plain_run, self.probe_every = 0, 2 * self.probe_every
                 return min(self.stages, key=lambda d: self.cost(("draft", d), scale)), min(ks)
         else:
-            self.plain_run = 0
+            self.plain_run, self.probe_every = 0, PROBE_EVERY
         return plan
 
     def update(self, accepted: int, drafted: int) -> None:
@@ -251,17 +272,19 @@ class Planner:
         self.drafted = FORGET * self.drafted + drafted
 
 
+def _clock(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def timed(costs: PassCosts, key, device, fn, *args):
     """fn(*args), its wall time noted while the pass is still being measured (then, on a GPU, a sync)."""
-    if not costs.timing(key):
+    if not costs.timing(key, device):
         return fn(*args)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
+    t0 = _clock(device)
     out = fn(*args)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    costs.note(key, time.perf_counter() - t0)
+    costs.note(key, _clock(device) - t0)
     return out
 
 
@@ -344,10 +367,19 @@ class Speculator:
 
     @torch.no_grad()
     def cycle(self, cache, pending: torch.Tensor, room: int):
+        d, k = self.planner.choose(room)
+        key = ("cycle", d, k) if k else ("step",)
+        if not self.costs.timing(key, self.device):
+            return self._run(d, k, cache, pending)
+        t0 = _clock(self.device)
+        out = self._run(d, k, cache, pending)
+        self.costs.note(key, _clock(self.device) - t0)
+        return out
+
+    def _run(self, d: int, k: int, cache, pending: torch.Tensor):
         step, costs, sampling, device = self.step, self.costs, self.sampling, self.device
         step.cache = cache
         B = pending.size(0)
-        d, k = self.planner.choose(room)
         if k == 0:   # --- a plain step of the verifier ----------------------------------------------------
             pos = _positions(cache.lengths, 0, 1, device)[:, 0]
             with one_row_matmuls(self.model, B):
@@ -465,35 +497,18 @@ def speculative_steps(model, rows: list[list[int]], draft_stage, k_draft, max_ne
 
 
 @torch.no_grad()
-def measure_draft_thresholds(model, batches, target: float = 0.5, n_bins: int = 20,
-                             max_positions: int = 200_000) -> dict[str, float]:
-    """Per draft stage d, the draft top-1 probability above which drafts agree with the full-PoE
-    argmax at least `target` of the time (equal-count bins; every bin above must meet the target)."""
+def measure_draft_agreement(model, batches, max_positions: int = 200_000) -> dict[str, float]:
+    """Per draft stage d, how often the prefix PoE of stages 0..d has the full-PoE argmax, over the
+    positions of `batches`: the planner's prior for the acceptance of drafts from stage d."""
     from .logop import logop
     K = model.config.n_stages
-    conf = [[] for _ in range(K - 1)]
-    agree = [[] for _ in range(K - 1)]
-    n = 0
+    agree, n = [0.0] * (K - 1), 0
     for x, _ in batches:
         logps = [lp.flatten(0, 1) for lp in model.stage_logprobs(x)]
         full_top = logop(logps).argmax(-1)
         for d in range(K - 1):
-            q = logop(logps[: d + 1])
-            top = q.max(-1)
-            conf[d].append(top.values.exp())
-            agree[d].append((top.indices == full_top).float())
+            agree[d] += float((logop(logps[: d + 1]).argmax(-1) == full_top).sum())
         n += x.numel()
         if n >= max_positions:
             break
-    thresholds = {}
-    for d in range(K - 1):
-        c, a = torch.cat(conf[d]), torch.cat(agree[d])
-        order = torch.argsort(c, descending=True)
-        c, a = c[order], a[order]
-        threshold = 1.0
-        for chunk_c, chunk_a in zip(torch.tensor_split(c, n_bins), torch.tensor_split(a, n_bins)):
-            if chunk_a.numel() == 0 or chunk_a.mean() < target:
-                break
-            threshold = float(chunk_c[-1])
-        thresholds[str(d)] = threshold
-    return thresholds
+    return {str(d): agree[d] / max(n, 1) for d in range(K - 1)}

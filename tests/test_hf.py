@@ -30,7 +30,7 @@ from conftest import build_random_model
 
 REPO = Path(__file__).resolve().parents[1]
 BOUNDS = [6.0, 3.0, 1.5]
-THRESHOLDS = {"0": 0.3, "1": 0.2, "2": 0.1}
+AGREEMENT = {"0": 0.3, "1": 0.2, "2": 0.1}
 TEXTS = ["The capital of France is", "대한민국의 수도는 서울입니다.", "emoji 🎉👍🏽 and a family 👨‍👩‍👧!",
          "def fibonacci(n):\n    return n", "<|bos|> typed as text"]
 BATCH_TEXTS = ["Hello", "The quick brown fox jumps over the lazy dog", "대한민국의 수도는 🎉"]
@@ -164,7 +164,7 @@ def exported(tmp_path_factory):
     model = build_random_model(seed=11)
     ckpt = save_checkpoint(root / "ckpt", model, tok, meta={
         "step": 5, "calibration": {"wand_p99_bounds": BOUNDS, "quantile": 0.99, "positions": 1000,
-                                   "speculative_threshold": THRESHOLDS}})
+                                   "speculative_agreement": AGREEMENT}})
     write_eval_report(ckpt)
     folder = export_hf(ckpt, root / "poegpt-tiny-hf")
     native, native_tok = load_model(ckpt)
@@ -208,7 +208,7 @@ def test_folder_layout_config_and_card(exported):
     assert cfg["auto_map"]["AutoConfig"] == "configuration_poegpt.PoEGPTConfig"
     assert "AutoTokenizer" not in cfg["auto_map"]            # the tokenizer needs no remote code
     assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["stage_layout"]) == (8, 64, [4, 2, 1, 1])
-    assert cfg["wand_p99_bounds"] == BOUNDS and cfg["speculative_threshold"] == THRESHOLDS
+    assert cfg["wand_p99_bounds"] == BOUNDS and cfg["speculative_agreement"] == AGREEMENT
     assert "sliding_window" not in cfg
     assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     card = (folder / "README.md").read_text()
@@ -364,7 +364,7 @@ def test_import_hf_round_trip_is_exact(exported, tmp_path):
     assert PoEConfig.load(ckpt).to_dict() == PoEConfig.load(exported["ckpt"]).to_dict()
     assert (ckpt / "tokenizer_bpe.json").read_bytes() == (exported["ckpt"] / "tokenizer_bpe.json").read_bytes()
     meta = json.loads((ckpt / "meta.json").read_text())
-    assert meta["calibration"] == {"wand_p99_bounds": BOUNDS, "speculative_threshold": THRESHOLDS}
+    assert meta["calibration"] == {"wand_p99_bounds": BOUNDS, "speculative_agreement": AGREEMENT}
     model, tok = load_model(ckpt)
     ids = torch.tensor([tok.encode("round trip")])
     assert torch.equal(model.generate_wand(ids, max_new_tokens=4), exported["model"].generate_wand(ids, max_new_tokens=4))

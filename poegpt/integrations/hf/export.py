@@ -193,7 +193,7 @@ def export_hf(checkpoint, out_dir, eval_dir=None, force: bool = False, dtype: st
     hf_config = PoEGPTConfig.from_poe_config(
         cfg, bos_token_id=bos, eos_token_id=bos, pad_token_id=bos, architectures=[ARCHITECTURE],
         auto_map=dict(AUTO_MAP), dtype=weight_dtype, wand_p99_bounds=calibration.get("wand_p99_bounds"),
-        speculative_threshold=calibration.get("speculative_threshold"))
+        speculative_agreement=calibration.get("speculative_agreement"))
     sources = remote_sources()
 
     def write(tmp: Path):
@@ -242,8 +242,8 @@ def import_hf(folder, out_dir, force: bool = False) -> Path:
     calibration = {}
     if hf_config.wand_p99_bounds is not None:
         calibration["wand_p99_bounds"] = list(hf_config.wand_p99_bounds)
-    if hf_config.speculative_threshold:
-        calibration["speculative_threshold"] = dict(hf_config.speculative_threshold)
+    if hf_config.speculative_agreement:
+        calibration["speculative_agreement"] = dict(hf_config.speculative_agreement)
     meta = {"imported_from": str(folder), **({"calibration": calibration} if calibration else {})}
     return write_checkpoint(out, cfg, state, tok, meta)
 

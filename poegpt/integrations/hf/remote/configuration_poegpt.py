@@ -30,7 +30,7 @@ class PoEGPTConfig(PretrainedConfig):
     model_type = "poegpt"
     attribute_map = {name: hf for name, hf in HF_NAMES.items() if name != "extra"}
 
-    def __init__(self, wand_p99_bounds=None, speculative_threshold=None, **kwargs):
+    def __init__(self, wand_p99_bounds=None, speculative_agreement=None, **kwargs):
         defaults = PoEConfig().to_dict()
         for name, default in defaults.items():
             key = HF_NAMES.get(name, name)
@@ -39,8 +39,8 @@ class PoEGPTConfig(PretrainedConfig):
                 value = list(value)
             setattr(self, key, value)
         self.wand_p99_bounds = None if wand_p99_bounds is None else [float(b) for b in wand_p99_bounds]
-        self.speculative_threshold = None if speculative_threshold is None else \
-            {str(k): float(v) for k, v in speculative_threshold.items()}
+        self.speculative_agreement = None if speculative_agreement is None else \
+            {str(k): float(v) for k, v in speculative_agreement.items()}
         kwargs.setdefault("tie_word_embeddings", False)   # the heads are separate matrices
         super().__init__(**kwargs)
 

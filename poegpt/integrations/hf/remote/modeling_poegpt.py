@@ -146,8 +146,8 @@ class PoEGPTForCausalLM(PoEGPTPreTrainedModel, GenerationMixin):
         calibration = {}
         if config.wand_p99_bounds is not None:
             calibration["wand_p99_bounds"] = list(config.wand_p99_bounds)
-        if config.speculative_threshold:
-            calibration["speculative_threshold"] = dict(config.speculative_threshold)
+        if config.speculative_agreement:
+            calibration["speculative_agreement"] = dict(config.speculative_agreement)
         self.model.calibration = Calibration.from_meta(calibration)
         self.post_init()
 
