@@ -257,7 +257,7 @@ def main():
         hf = load_hf(a.model, dtype)
         for B in a.batches:
             hf_generate(hf, rows[:B], 4, B)                              # warm-up
-            toks, dt = best_of(lambda: hf_generate(hf, rows, a.tokens, B), a.repeats)
+            toks, dt, _ = best_of(lambda: hf_generate(hf, rows, a.tokens, B), a.repeats)
             hf_rows[B] = {"tok_s": len(rows) * a.tokens / dt, "tokens": toks}
     results = []
     for label, spec in specs:            # full first: the reference every other mode is compared with
