@@ -249,6 +249,7 @@ class FastPath:
 
 
 _FAST: "weakref.WeakKeyDictionary[torch.nn.Module, FastPath]" = weakref.WeakKeyDictionary()
+_PARKED: "weakref.WeakKeyDictionary[torch.nn.Module, FastPath]" = weakref.WeakKeyDictionary()
 
 
 def fast_path(model) -> FastPath | None:
@@ -282,11 +283,15 @@ def compile_decode(model, enabled: bool = True, backend: str | None = "inductor"
     `torch.compile(backend=backend)` (None: the same steps uncompiled, for tests).
     Off by default: a step compiles in ~10-60 s on a 2-core CPU per (mode, batch, cache size), which
     pays off for long-running use (a server, benchmarks, long generations), not for one short call.
-    See docs/benchmarks.md for compiled vs eager tokens/s per mode."""
-    _FAST.pop(model, None)
-    if not enabled:
+    See docs/benchmarks.md for compiled vs eager tokens/s per mode. Turning it off keeps the compiled
+    steps aside: on again with the same backend reuses them (a bench that times eager and compiled in
+    turn compiles each shape once)."""
+    fast = _FAST.pop(model, None) or _PARKED.pop(model, None)
+    if not enabled:                 # parked: turning it on again with the same backend reuses its steps
+        if fast is not None:
+            _PARKED[model] = fast
         return
-    _FAST[model] = FastPath(backend)
+    _FAST[model] = fast if fast is not None and fast.backend == backend else FastPath(backend)
     if backend is not None:    # every (mode, batch, cache size) is one more graph of the same step
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * MAX_STEPS)
 

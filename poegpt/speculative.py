@@ -56,6 +56,8 @@ PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.6, 4.0   # a draft stage's agreement before a
 FORGET = 0.9                       # per cycle: the running acceptance follows the text being written
 PROBE_EVERY = 32                   # plain steps before a probe cycle re-measures the acceptance (doubling after each)
 MARGIN = 0.05                      # drafting must promise 5 % more tokens/s than plain steps: never lose to noise
+EXPLORE = 0.25                     # ... and 25 % for a (d, k) never timed (its first call compiles a verify pass)
+REPLAN = 8                         # plain steps between two plans (a plan costs ~50 µs of Python per step)
 MEASURE = 8                        # calls per pass shape whose best time is its cost; then it tracks (GPU: stops)
 TRACK = 0.05                       # after MEASURE calls a pass's cost follows each new time by 5 % (machines drift)
 
@@ -206,9 +208,11 @@ class Planner:
         self.shares = weight_shares(model)
         self.accepted, self.drafted = 0.0, 0.0          # this generation's running counts (forgetting)
         self.plain_run, self.probe_every = 0, PROBE_EVERY
+        self.priors = [model.calibration.draft_agreement(d, PRIOR_ACCEPTANCE) for d in range(model.config.n_stages - 1)]
+        self.held = 0                                   # plain steps left before the next plan
 
     def alpha(self, d: int) -> float:
-        prior = self.costs.agreement(d, self.model.calibration.draft_agreement(d, PRIOR_ACCEPTANCE))
+        prior = self.costs.agreement(d, self.priors[d])
         return (self.accepted + PRIOR_WEIGHT * prior) / (self.drafted + PRIOR_WEIGHT)
 
     def cost(self, key, scale: float) -> float | None:
@@ -249,17 +253,24 @@ class Planner:
         first = (d0, FIRST_K if FIRST_K in ks else ks[0])
         if not self.adapt:
             return first
-        plain = self.costs.seconds.get(("step",))      # a whole plain step: its pass, the pick, the host work
-        if plain is None or ("plain",) not in self.costs.seconds:   # the yardstick: time it first
+        c = self.costs.seconds
+        plain = c.get(("step",))                      # a whole plain step: its pass, the pick, the host work
+        if plain is None or ("plain",) not in c:      # the yardstick: time it first
             return d0, 0
-        best, plan, scale, overhead = (1 + MARGIN) / plain, (d0, 0), self.scale(), self.overhead()
+        if self.held > 0:
+            self.held -= 1
+            return d0, 0
+        best, plan, scale, overhead = 1.0 / plain, (d0, 0), self.scale(), self.overhead()
         for d in self.stages:
+            alpha = self.alpha(d)
             for k in ks:
-                rate = expected_tokens(self.alpha(d), k) / self.cycle_cost(d, k, scale, overhead)
-                if rate > best:
-                    best, plan = rate, (d, k)
+                margin = 1 + (MARGIN if ("cycle", d, k) in c else EXPLORE)
+                rate = expected_tokens(alpha, k) / self.cycle_cost(d, k, scale, overhead)
+                if rate > best * margin:
+                    best, plan = rate / margin, (d, k)
         if plan[1] == 0:
-            self.plain_run += 1
+            self.held = REPLAN - 1                   # the next REPLAN - 1 steps are plain without planning
+            self.plain_run += REPLAN
             if self.plain_run >= self.probe_every:   # now and then a short cycle, so the acceptance can recover
                 self.plain_run, self.probe_every = 0, 2 * self.probe_every
                 return min(self.stages, key=lambda d: self.cost(("draft", d), scale)), min(ks)
