@@ -21,8 +21,10 @@ distribution, so greedy output equals `generate_stage(ids, K-1)` and sampling fo
 Adaptive, never losing (`fallback="auto"`, the default): before every cycle a cost model compares
 speculating k tokens, at τ(α, k) = (1 − α^{k+1}) / (1 − α) expected tokens per row for a cycle of
 (k+1)·c_draft + c_verify(k), with a plain step of the verifier (one token per c_plain); it drafts
-only when that promises 5 % more tokens per second, so a configuration that would lose decodes
-plainly instead. The c's are measured wall times (whole cycles and plain steps where timed, else
+only when that promises 10 % more tokens per second, so a configuration that would lose decodes
+plainly instead. Acceptance comes in bursts, not independently per token, so τ over-promises: once
+cycles ran, τ is scaled by the tokens they emitted over what it promised, and a (d, k) that ran is
+judged by its own recent yield. The c's are measured wall times (whole cycles and plain steps where timed, else
 the passes; kept per model and batch size for the process, see `PassCosts`); α is this generation's
 running acceptance, its prior the agreement of the draft stage with the verifier measured by every
 earlier verify pass (or by `poegpt calibrate`). `k_draft="auto"` also picks k, and
@@ -47,7 +49,6 @@ from .engine import (Generation, Sampling, StageMix, cached_step, check_prompts,
 from .errors import PoEError
 from .model import TrunkState
 
-AUTO_MAX_DRAFT = 8
 AUTO_DRAFTS = (1, 2, 3, 4, 6, 8)   # the lengths k_draft="auto" picks from (the fast path compiles a verify per length)
 FIRST_K = 3                        # auto's first cycle, before any cost is measured
 VERIFIERS = ("poe", "dense")
@@ -55,7 +56,7 @@ FALLBACKS = ("auto", "never")
 PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.6, 4.0   # a draft stage's agreement before any verify measured it, worth 4 drafts
 FORGET = 0.9                       # per cycle: the running acceptance follows the text being written
 PROBE_EVERY = 32                   # plain steps before a probe cycle re-measures the acceptance (doubling after each)
-MARGIN = 0.05                      # drafting must promise 5 % more tokens/s than plain steps: never lose to noise
+MARGIN = 0.10                      # drafting must promise 10 % more tokens/s than plain steps: never lose to noise
 EXPLORE = 0.25                     # ... and 25 % for a (d, k) never timed (its first call compiles a verify pass)
 REPLAN = 8                         # plain steps between two plans (a plan costs ~50 µs of Python per step)
 MEASURE = 8                        # calls per pass shape whose best time is its cost; then it tracks (GPU: stops)
@@ -149,6 +150,8 @@ class PassCosts:
     seconds: dict = field(default_factory=dict)
     calls: dict = field(default_factory=dict)
     agree: dict = field(default_factory=dict)         # d -> [agreeing positions, positions]
+    yields: dict = field(default_factory=dict)        # (d, k) -> [tokens per row per cycle, cycles], forgetting
+    realism: list = field(default_factory=lambda: [0.0, 0.0])   # [tokens emitted, tokens τ(α, k) promised]
 
     def timing(self, key, device) -> bool:
         return device.type != "cuda" or self.calls.get(key, 0) <= MEASURE
@@ -165,6 +168,13 @@ class PassCosts:
         for d, n in enumerate(counts):
             a = self.agree.setdefault(d, [0.0, 0.0])
             a[0], a[1] = a[0] + n, a[1] + positions
+
+    def note_yield(self, d: int, k: int, tokens: float, promised: float) -> None:
+        """A cycle's tokens per row, and what τ(α, k) had promised for it."""
+        y = self.yields.setdefault((d, k), [0.0, 0.0])
+        y[0], y[1] = FORGET * y[0] + tokens, FORGET * y[1] + 1
+        r = self.realism
+        r[0], r[1] = FORGET * r[0] + tokens, FORGET * r[1] + promised
 
     def agreement(self, d: int, prior: float = PRIOR_ACCEPTANCE) -> float:
         a, n = self.agree.get(d, (0.0, 0.0))
@@ -214,6 +224,15 @@ class Planner:
     def alpha(self, d: int) -> float:
         prior = self.costs.agreement(d, self.priors[d])
         return (self.accepted + PRIOR_WEIGHT * prior) / (self.drafted + PRIOR_WEIGHT)
+
+    def tokens(self, d: int, k: int, alpha: float) -> float:
+        """Tokens a row emits per cycle of (d, k): τ(α, k) times how the cycles so far kept τ's promise
+        (acceptance is bursty, not independent per token: τ over-promises), and for a (d, k) that ran,
+        its own recent yield, τ's estimate counting as one cycle."""
+        r = self.costs.realism
+        guess = expected_tokens(alpha, k) * (min(1.0, r[0] / r[1]) if r[1] else 1.0)
+        y = self.costs.yields.get((d, k))
+        return guess if y is None else (y[0] + guess) / (y[1] + 1)
 
     def cost(self, key, scale: float) -> float | None:
         """Measured seconds of a pass, else its weight share of a plain step, times `scale`."""
@@ -265,7 +284,7 @@ class Planner:
             alpha = self.alpha(d)
             for k in ks:
                 margin = 1 + (MARGIN if ("cycle", d, k) in c else EXPLORE)
-                rate = expected_tokens(alpha, k) / self.cycle_cost(d, k, scale, overhead)
+                rate = self.tokens(d, k, alpha) / self.cycle_cost(d, k, scale, overhead)
                 if rate > best * margin:
                     best, plan = rate / margin, (d, k)
         if plan[1] == 0:
@@ -278,9 +297,11 @@ class Planner:
             self.plain_run, self.probe_every = 0, PROBE_EVERY
         return plan
 
-    def update(self, accepted: int, drafted: int) -> None:
+    def update(self, d: int, k: int, accepted: int, rows: int) -> None:
+        """After a cycle of (d, k): `accepted` drafts over `rows` rows."""
+        self.costs.note_yield(d, k, 1 + accepted / rows, expected_tokens(self.alpha(d), k))
         self.accepted = FORGET * self.accepted + accepted
-        self.drafted = FORGET * self.drafted + drafted
+        self.drafted = FORGET * self.drafted + k * rows
 
 
 def _clock(device) -> float:
@@ -378,7 +399,7 @@ class Speculator:
 
     @torch.no_grad()
     def cycle(self, cache, pending: torch.Tensor, room: int):
-        d, k = self.planner.choose(room)
+        d, k = self.last = self.planner.choose(room)
         key = ("cycle", d, k) if k else ("step",)
         if not self.costs.timing(key, self.device):
             return self._run(d, k, cache, pending)
@@ -424,8 +445,9 @@ class Speculator:
         self.draft_stages[d] += 1
         return idx, m, last, k
 
-    def update(self, accepted: int, drafted: int) -> None:
-        self.planner.update(accepted, drafted)
+    def update(self, accepted: int, rows: int) -> None:
+        """After a cycle (not a plain step): how many drafts the `rows` rows that ran it accepted."""
+        self.planner.update(*self.last, accepted, rows)
 
 
 _ROW_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -457,8 +479,9 @@ def speculative_steps(model, rows: list[list[int]], draft_stage, k_draft, max_ne
     check_prompts(model, rows, max_new_tokens)
     device = model.rope_cos.device
     B = len(rows)
-    k_max = AUTO_MAX_DRAFT if k_draft == "auto" else k_draft
-    capacity = min(cfg.sequence_len, max(len(r) for r in rows) + max_new_tokens + k_max)
+    # no slack for drafts past the last token: near the end a cycle drafts what fits (or steps plainly),
+    # and the cache is the size full PoE's would be (a 64-slot-larger cache cost 1.4x per step at batch 8)
+    capacity = min(cfg.sequence_len, max(len(r) for r in rows) + max_new_tokens)
     step = _step(model, B, capacity, k_draft, verifier)
     cache = step.cache
     cache.reset()                               # from the start, also when the cache is reused
@@ -499,7 +522,7 @@ def speculative_steps(model, rows: list[list[int]], draft_stage, k_draft, max_ne
             if len(gen.tokens[r]) >= max_new_tokens or (eos_token_id is not None and eos_token_id in new):
                 active[r] = False
         if k:
-            spec.update(acc, k * sum(1 for c in commit if c))
+            spec.update(acc, sum(1 for c in commit if c))
         cache.advance(commit)   # the accepted drafts and the verifier's token; rejected slots are overwritten later
         for r in range(B):   # a finished row idles in lockstep at the cache start, where its writes fit
             if not active[r]:

@@ -190,6 +190,21 @@ def test_planner_picks_the_plan_of_highest_expected_tokens_per_second(model):
     assert fresh.choose(100)[1] == 0                                                 # the yardstick is timed first
 
 
+def test_planner_believes_the_tokens_cycles_yielded_over_tau(model):
+    """Acceptance is bursty: when cycles of (1, 3) emitted one token per row where tau promised ~3.8,
+    the planner steps plainly, for that k and (scaled by the same broken promise) for a k never run."""
+    from poegpt.speculative import PassCosts, Planner, expected_tokens
+    costs = PassCosts(seconds={("plain",): 1.0, ("step",): 1.0, **{("draft", d): 0.05 * (d + 1) for d in range(K - 1)},
+                               **{("verify", d, k): 0.6 + 0.02 * k for d in range(K - 1) for k in (3, 6)}})
+    costs.agree = {d: [95, 100] for d in range(K - 1)}
+    assert Planner(model, costs, 1, 3, adapt=True).choose(100) == (1, 3)             # tau says drafting pays
+    for _ in range(10):
+        costs.note_yield(1, 3, 1.0, expected_tokens(0.95, 3))
+    assert Planner(model, costs, 1, 3, adapt=True).choose(100)[1] == 0
+    assert Planner(model, costs, 1, 6, adapt=True).choose(100)[1] == 0
+    assert Planner(model, costs, 1, 3, adapt=False).choose(100) == (1, 3)            # fallback never: it drafts
+
+
 @pytest.mark.parametrize("expensive", ["draft", "plain"])
 def test_speculative_falls_back_or_drafts_as_the_costs_say_with_identical_tokens(expensive):
     """Planted pass costs steer a generation wholly to plain steps (drafting would not pay) or wholly to

@@ -331,7 +331,7 @@ class Scheduler:
         g.drafted, g.accepted = g.drafted + k, g.accepted + m
         g.extra["plain_steps"] += k == 0
         if k:
-            s.alone.update(m, k)
+            s.alone.update(m, 1)
         self._emit(s, idx[0, 1:m + 1].tolist() + [int(last[0])], None)
 
     def _sweep(self) -> None:
