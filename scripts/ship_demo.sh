@@ -6,7 +6,7 @@
 # Steps: build the offline corpus (~4 min), train the 4,096-id tokenizer on 60M characters of it by
 # source share, tokenise the offline mixture (31.5M train tokens), train the `demo` preset for 1,800
 # steps of 4,096 tokens (about 2.6 h on one core; rerun to resume from the newest checkpoint), then
-# pack it to bf16, calibrate WAND and the speculative auto-draft on the validation stream, and write
+# pack it to bf16, calibrate WAND bounds and the draft agreement on the validation stream, and write
 # the evaluation report. Training runs on one thread pinned to one core: on a shared 2-core machine
 # a 2-thread run loses most of its speed whenever anything else runs (its threads wait for each other).
 set -euo pipefail

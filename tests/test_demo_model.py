@@ -34,6 +34,9 @@ def test_demo_ships_calibration_and_its_eval_report(demo):
     cal = model.checkpoint_meta["calibration"]
     assert len(cal["wand_p99_bounds"]) == model.config.n_stages - 1
     assert all(math.isfinite(b) and b > 0 for b in cal["wand_p99_bounds"])
+    # the planner's prior per draft stage: a deeper prefix agrees with full PoE more often
+    agree = [model.calibration.draft_agreement(d, -1.0) for d in range(model.config.n_stages - 1)]
+    assert all(0.5 < a < 1 for a in agree) and agree == sorted(agree)
     report = json.loads((DEMO_MODEL_DIR / "eval" / "report.json").read_text())
     bpb = report["metrics"]["bpb"]
     # the card's headline property holds for the shipped weights: the product beats every expert
