@@ -181,7 +181,7 @@ def measure_mode(model, rows, label, spec, a, hf_rows, reference, full_spec) -> 
         if not a.no_compile and (a.compile_modes is None or label in a.compile_modes):
             compile_decode(model, True)
             t0 = time.perf_counter()
-            run(model, rows[:B], spec, a.tokens, B)                      # compiles the step for this shape
+            run(model, rows, spec, a.tokens, B)      # compiles every shape the run takes (auto: what it explores)
             row[f"b{B}_compile_s"] = time.perf_counter() - t0
             if beside is not None:
                 run(model, rows[:B], full_spec, a.tokens, B)             # full's compiled step, ready
