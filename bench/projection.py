@@ -171,18 +171,21 @@ def lazy_cost(passes: list[tuple[int, int]], c_stage_T: list[dict[int, float]]) 
 
 def replay_speculative(agree: list[bool], k: int, n: int) -> dict:
     """Greedy speculative cycles replayed on a sequence of draft/verifier agreements (agree[i]: the draft's
-    argmax at generated position i equals the full-PoE argmax): each cycle drafts k tokens, accepts the
-    leading agreeing ones (m) and adds the verifier's own, until n tokens are committed. `agree` must
-    reach n + k - 1 positions. Returns tokens per cycle and accepted / drafted."""
-    i = cycles = accepted = 0
+    argmax at generated position i equals the full-PoE argmax): each cycle drafts k tokens (fewer near
+    the end: no more than the tokens still to come, as the engine's cache holds), accepts the leading
+    agreeing ones (m) and adds the verifier's own, until n tokens are committed. `agree` must reach
+    n + k - 1 positions. Returns tokens per cycle, accepted / drafted and the counts."""
+    i = cycles = accepted = drafted = 0
     while i < n:
-        m = 0
-        while m < k and agree[i + m]:
+        kc, m = min(k, n - i), 0
+        while m < kc and agree[i + m]:
             m += 1
         i += m + 1
         cycles += 1
         accepted += m
-    return {"tau": n / cycles, "acceptance": accepted / (cycles * k), "cycles": cycles}
+        drafted += kc
+    return {"tau": n / cycles, "acceptance": accepted / drafted, "cycles": cycles, "accepted": accepted,
+            "drafted": drafted}
 
 
 def suffix_depth(exits: list[int]) -> list[int]:
