@@ -292,6 +292,10 @@ class Planner:
             self.plain_run += REPLAN
             if self.plain_run >= self.probe_every:   # now and then a short cycle, so the acceptance can recover
                 self.plain_run, self.probe_every = 0, 2 * self.probe_every
+                # a shape that already ran (a new one compiles its passes: a stall of 0.1-1 s)
+                ran = [(d, k) for (kind, *dk) in c if kind == "cycle" for d, k in [dk] if d in self.stages and k in ks]
+                if ran:
+                    return min(ran, key=lambda dk: (dk[1], c[("cycle", *dk)]))
                 return min(self.stages, key=lambda d: self.cost(("draft", d), scale)), min(ks)
         else:
             self.plain_run, self.probe_every = 0, PROBE_EVERY
