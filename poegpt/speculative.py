@@ -293,7 +293,7 @@ class Planner:
             if self.plain_run >= self.probe_every:   # now and then a short cycle, so the acceptance can recover
                 self.plain_run, self.probe_every = 0, 2 * self.probe_every
                 # a shape that already ran (a new one compiles its passes: a stall of 0.1-1 s)
-                ran = [(d, k) for (kind, *dk) in c if kind == "cycle" for d, k in [dk] if d in self.stages and k in ks]
+                ran = [key[1:] for key in c if key[0] == "cycle" and key[1] in self.stages and key[2] in ks]
                 if ran:
                     return min(ran, key=lambda dk: (dk[1], c[("cycle", *dk)]))
                 return min(self.stages, key=lambda d: self.cost(("draft", d), scale)), min(ks)
