@@ -412,15 +412,42 @@ class Speculator:
         self.costs.note(key, _clock(self.device) - t0)
         return out
 
+    def _plain(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One plain step of the verifier: tok (B,) at pos (B,), into the step's cache; the next tokens (B,)."""
+        with one_row_matmuls(self.model, tok.size(0)):
+            p = timed(self.costs, ("plain",), self.device, self.step.plain, tok, pos)
+        return pick(p, self.sampling, self.generator)
+
+    def held(self, room: int) -> int:
+        """After a plain step: how many more the plan holds (at most `room`), taken from the planner."""
+        n = min(self.planner.held, room)
+        self.planner.held -= n
+        return n
+
+    @torch.no_grad()
+    def plain_steps(self, cache, pending: torch.Tensor, n: int):
+        """n plain steps of the verifier as a tight loop (the plan's held steps, as full PoE decodes):
+        positions advance on the device, nothing per row in Python; yields each step's tokens (B,),
+        the cache advanced by one. Each whole step is timed as the planner's yardstick."""
+        self.step.cache = cache
+        pos, tok, key = torch.tensor(cache.lengths, device=self.device), pending, ("step",)
+        for _ in range(n):
+            timing = self.costs.timing(key, self.device)
+            t0 = _clock(self.device) if timing else 0.0
+            tok = self._plain(tok, pos)
+            if timing:
+                self.costs.note(key, _clock(self.device) - t0)
+            cache.advance(1)
+            pos = pos + 1
+            yield tok
+
     def _run(self, d: int, k: int, cache, pending: torch.Tensor):
         step, costs, sampling, device = self.step, self.costs, self.sampling, self.device
         step.cache = cache
         B = pending.size(0)
         if k == 0:   # --- a plain step of the verifier ----------------------------------------------------
-            pos = _positions(cache.lengths, 0, 1, device)[:, 0]
-            with one_row_matmuls(self.model, B):
-                p = timed(costs, ("plain",), device, step.plain, pending, pos)
-            return pending[:, None], torch.zeros(B, dtype=torch.long, device=device), pick(p, sampling, self.generator), 0
+            last = self._plain(pending, _positions(cache.lengths, 0, 1, device)[:, 0])
+            return pending[:, None], torch.zeros(B, dtype=torch.long, device=device), last, 0
         # --- draft: stages 0..d, one token at a time, writing the shared cache ------------------------------
         tokens, states, shallow, draft_logps = [pending], [], [], []
         for i in range(k + 1):              # pass k only readies the last draft for verification
@@ -503,35 +530,53 @@ def speculative_steps(model, rows: list[list[int]], draft_stage, k_draft, max_ne
     pending = torch.tensor([r[-1] for r in rows], device=device)
     active = [True] * B
 
+    def take(r: int, new: list[int]) -> list[int]:
+        """Row r's new tokens as emitted: up to its budget and its EOS; the row ends there."""
+        new = new[: max_new_tokens - len(gen.tokens[r])]
+        if eos_token_id in new:
+            new = new[: new.index(eos_token_id) + 1]
+        gen.tokens[r].extend(new)
+        gen.passes += 1
+        if len(gen.tokens[r]) >= max_new_tokens or (eos_token_id is not None and eos_token_id in new):
+            active[r] = False
+        return new
+
+    def idle_finished() -> None:
+        for r in range(B):   # a finished row idles in lockstep at the cache start, where its writes fit
+            if not active[r]:
+                cache.rollback(r, 0)
+
     while any(active):
         room = min(capacity - 1 - n for n, a in zip(cache.lengths, active) if a)
         idx, m, last, k = spec.cycle(cache, pending, room)
         emitted, commit, acc = [[] for _ in range(B)], [0] * B, 0
+        drafts = idx[:, 1:].tolist() if k else [[]] * B
         for r, (m_r, last_r) in enumerate(zip(m.tolist(), last.tolist())):
-            if not active[r]:
-                continue
-            new = idx[r, 1:m_r + 1].tolist() + [last_r]
-            new = new[: max_new_tokens - len(gen.tokens[r])]
-            if eos_token_id in new:
-                new = new[: new.index(eos_token_id) + 1]
-            emitted[r] = new
-            gen.drafted += k
-            gen.extra["plain_steps"] += k == 0
-            gen.accepted += m_r
-            acc += m_r
-            gen.passes += 1
-            gen.tokens[r].extend(new)
-            commit[r] = m_r + 1
-            pending[r] = last_r
-            if len(gen.tokens[r]) >= max_new_tokens or (eos_token_id is not None and eos_token_id in new):
-                active[r] = False
+            if active[r]:
+                emitted[r] = take(r, drafts[r][:m_r] + [last_r])
+                gen.drafted += k
+                gen.extra["plain_steps"] += k == 0
+                gen.accepted += m_r
+                acc += m_r
+                commit[r] = m_r + 1
         if k:
             spec.update(acc, sum(1 for c in commit if c))
+        pending = last          # a finished row's pending token is never read back
         cache.advance(commit)   # the accepted drafts and the verifier's token; rejected slots are overwritten later
-        for r in range(B):   # a finished row idles in lockstep at the cache start, where its writes fit
-            if not active[r]:
-                cache.rollback(r, 0)
+        idle_finished()
         yield emitted
+        if k == 0 and any(active):   # the plain steps the plan holds, as one tight loop
+            running = active.count(True)   # each step writes one slot past the last: `room` more fit
+            for nxt in spec.plain_steps(cache, pending, spec.held(room)):
+                pending, emitted = nxt, [[] for _ in range(B)]
+                for r, t in enumerate(nxt.tolist()):
+                    if active[r]:
+                        emitted[r] = take(r, [t])
+                        gen.extra["plain_steps"] += 1
+                yield emitted
+                if active.count(True) < running:   # a row ended: back to the loop above, which idles it
+                    break
+            idle_finished()
 
 
 @torch.no_grad()

@@ -221,6 +221,33 @@ def test_speculative_falls_back_or_drafts_as_the_costs_say_with_identical_tokens
         assert gen.extra["plain_steps"] == 0 and gen.drafted > 0 and gen.passes < 19
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_speculative_plain_runs_end_rows_at_eos_and_at_the_context_end(fast):
+    """The plan's held plain steps run as one tight loop: on a ragged batch a row that meets EOS inside
+    the loop ends there (the others go on), a row at the context end stops at its last slot, and every
+    row's tokens equal full greedy's (eager, and the fixed-shape step uncompiled)."""
+    from poegpt.engine import compile_decode
+    m = build_random_model(seed=7)          # its own cost record
+    T = m.config.sequence_len
+    rows = prompts(3, seed=2) + [prompts(1, seed=3, lengths=(T - 19,))[0]]
+    free = m.generate(rows, max_new_tokens=19)
+    eos = int(free[1, len(rows[1]) + 10])   # row 1 ends after 11 tokens, inside a plain run
+    want = []
+    for r, row in enumerate(rows):
+        t = free[r, len(row):len(row) + 19].tolist()
+        want.append(t[: t.index(eos) + 1] if eos in t else t)
+    assert any(len(w) < 19 for w in want) and any(len(w) == 19 for w in want)
+    planted_costs(m, 1e-9, 1.0, 1.0, B=len(rows))                     # drafting never pays: every step plain
+    if fast:
+        compile_decode(m, backend=None)
+    try:
+        gen = run_mode(m, rows, ModeSpec("speculative", draft_stage="auto", k_draft="auto"), 19, eos_token_id=eos)
+    finally:
+        compile_decode(m, False)
+    assert gen.tokens == want
+    assert gen.extra["plain_steps"] == sum(map(len, want)) and gen.drafted == 0
+
+
 @pytest.mark.parametrize("verifier", ["poe", "dense"])
 def test_speculative_sampling_matches_the_verifier_distribution_exactly(verifier):
     """V = 16 so the joint distribution of two tokens (256 cells) can be checked by chi-square, against

@@ -524,7 +524,7 @@ def test_drain_refuses_new_requests_and_abort_ends_the_rest(slow_model, tok):
 
 def test_metrics_exposition(http):
     complete(http, prompt="The", max_tokens=3, poe_mode="prefix", max_stages=2)
-    complete(http, prompt="The", max_tokens=3, poe_mode="speculative", temperature=0)
+    complete(http, prompt="The", max_tokens=3, poe_mode="speculative", temperature=0, fallback="never")  # it drafts
     r = http.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
     text = r.text
