@@ -228,7 +228,42 @@ def compiled(fn, backend: str | None):
     # emulate_precision_casts: fused bf16 element-wise chains round where eager rounds, so compiled
     # greedy tokens equal eager ones in bf16 too (without it 1 of 8 demo prompts drifts; ~8 % slower)
     options = {"emulate_precision_casts": True} if backend == "inductor" else None
-    return torch.compile(fn, backend=backend, dynamic=False, options=options)
+    return Compiled(torch.compile(fn, backend=backend, dynamic=False, options=options))
+
+
+def _signature(x):
+    if isinstance(x, torch.Tensor):
+        return x.shape, x.dtype, x.device
+    if isinstance(x, (list, tuple)):
+        return tuple(_signature(y) for y in x)
+    return x
+
+
+class Compiled:
+    """A compiled step that, once an argument signature (shapes, dtypes, devices, plain values) has run,
+    calls it again without dynamo's guard evaluation: the guards check every parameter and cache
+    tensor the step reads, ~130 µs per call of a demo draft pass and ~240 µs of a full step (7-9 %
+    of the call, measured on the Zen 4-class host), paid k+2 times per speculative cycle. Safe here
+    because a step's shapes are fixed and its tensors are the same objects at every call; the
+    first call of each signature runs with the guards (it compiles, or picks its graph among the
+    other steps' of the same code), and a call that would need a new graph all the same runs
+    again with them."""
+
+    def __init__(self, fn):
+        self.fn, self.warm = fn, set()
+
+    def __call__(self, *args):
+        sig = _signature(args)
+        if sig in self.warm:
+            try:
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    return self.fn(*args)
+            except RuntimeError as e:      # dynamo: "Recompilation triggered with skip_guard_eval_unsafe"
+                if "skip_guard_eval_unsafe" not in str(e):
+                    raise
+        out = self.fn(*args)
+        self.warm.add(sig)
+        return out
 
 
 STEP_SLOTS = 64     # cache sizes are rounded up to a multiple of this, so generations share compiled steps

@@ -95,6 +95,36 @@ def test_compiled_step_equals_eager_step(model):
             tok, pos = a.argmax(-1), pos + 1
 
 
+def test_warm_compiled_steps_skip_guards_yet_each_runs_its_own_weights_and_cache(model):
+    """After its first call a compiled step runs without dynamo's guard evaluation (`engine.Compiled`).
+    Steps of one code called in turn (two models of one config, two caches of one model) still each
+    compute with their own weights and cache: every call equals the same step eager."""
+    from poegpt.engine import DecodeStep, prefill
+    other = build_random_model(seed=11)
+    mix = StageMix.full(K)
+    cases = [(model, rows(2, seed=4, lengths=(6, 3))), (other, rows(2, seed=4, lengths=(6, 3))),
+             (model, rows(2, seed=7, lengths=(4, 5)))]
+    steps, state = [], []
+    with torch.no_grad():
+        for m, prompts in cases:
+            pair = (DecodeStep(m, mix, 2, 64, None), DecodeStep(m, mix, 2, 64, "inductor"))
+            for step in pair:
+                prefill(m, step.cache, prompts, mix.depth)
+            steps.append(pair)
+            state.append((torch.tensor([7, 9]), torch.tensor([len(r) for r in prompts])))
+        outs = []
+        for _ in range(4):
+            outs.append([])
+            for i, (eager, compiled) in enumerate(steps):
+                tok, pos = state[i]
+                a, b = eager(tok, pos), compiled(tok, pos)
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+                state[i] = (a.argmax(-1), pos + 1)
+                outs[-1].append(a)
+    assert not torch.equal(outs[0][0], outs[0][1]) and not torch.equal(outs[0][0], outs[0][2])   # they differ
+    assert all(compiled.fn.warm for _, compiled in steps)           # and the later calls skipped the guards
+
+
 def test_one_row_matmuls_switches_only_fast_bf16_single_row_steps_and_restores():
     """ATen's GEMV replaces oneDNN for bf16 one-row steps on CPU under compile_decode only, for the
     step only (even when it fails); the default path keeps oneDNN (transformers' and vLLM's rounding)."""
