@@ -207,8 +207,8 @@ def measure_mode(model, rows, label, spec, a, hf_rows, reference, full_spec) -> 
         row[f"b{B}_tok_s"] = max(row[f"b{B}_eager_tok_s"], row.get(f"b{B}_compiled_tok_s", 0.0))
         path = row[f"b{B}_path"] = "compiled" if row[f"b{B}_tok_s"] > row[f"b{B}_eager_tok_s"] else "eager"
         # the mode's best path, paired with full on the same path, and full's own best path over its other one
-        row[f"b{B}_speedup_vs_full"] = row[f"b{B}_{path}_vs_full"] * min(
-            1.0, row[f"b{B}_{path}_full_tok_s"] / max(row[f"b{B}_eager_full_tok_s"], row.get(f"b{B}_compiled_full_tok_s", 0.0)))
+        full_best = max(row[f"b{B}_eager_full_tok_s"], row.get(f"b{B}_compiled_full_tok_s", 0.0))
+        row[f"b{B}_speedup_vs_full"] = row[f"b{B}_{path}_vs_full"] * min(1.0, row[f"b{B}_{path}_full_tok_s"] / full_best)
         if B in hf_rows:
             row[f"b{B}_vs_hf"] = row[f"b{B}_tok_s"] / hf_rows[B]["tok_s"]
     if spec.mode != "wand":      # WAND counts its own: layer-positions executed per decode position, lazy fills included

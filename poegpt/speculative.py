@@ -404,13 +404,7 @@ class Speculator:
     @torch.no_grad()
     def cycle(self, cache, pending: torch.Tensor, room: int):
         d, k = self.last = self.planner.choose(room)
-        key = ("cycle", d, k) if k else ("step",)
-        if not self.costs.timing(key, self.device):
-            return self._run(d, k, cache, pending)
-        t0 = _clock(self.device)
-        out = self._run(d, k, cache, pending)
-        self.costs.note(key, _clock(self.device) - t0)
-        return out
+        return timed(self.costs, ("cycle", d, k) if k else ("step",), self.device, self._run, d, k, cache, pending)
 
     def _plain(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One plain step of the verifier: tok (B,) at pos (B,), into the step's cache; the next tokens (B,)."""
@@ -430,13 +424,9 @@ class Speculator:
         positions advance on the device, nothing per row in Python; yields each step's tokens (B,),
         the cache advanced by one. Each whole step is timed as the planner's yardstick."""
         self.step.cache = cache
-        pos, tok, key = torch.tensor(cache.lengths, device=self.device), pending, ("step",)
+        pos, tok = torch.tensor(cache.lengths, device=self.device), pending
         for _ in range(n):
-            timing = self.costs.timing(key, self.device)
-            t0 = _clock(self.device) if timing else 0.0
-            tok = self._plain(tok, pos)
-            if timing:
-                self.costs.note(key, _clock(self.device) - t0)
+            tok = timed(self.costs, ("step",), self.device, self._plain, tok, pos)
             cache.advance(1)
             pos = pos + 1
             yield tok
