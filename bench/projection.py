@@ -9,11 +9,11 @@ and exit statistics measured on the demo model. In one run:
 1. Pass costs (seconds, best of a few repeats, after a warm-up), at the `1.5b` preset's shapes with
    random weights (built as bench/roofline.py builds them: for timing only) and at the demo model's
    shapes (its own weights), at batch 1 and 8, every pass a `model.walk` against a KV cache already
-   holding `--context` tokens (positions as ints):
+   holding `--context` tokens:
    - full: the one-token step: every stage, every head, Log-OP;
    - draft d (d = 0..K-2): stages 0..d for one token and the Log-OP of heads 0..d;
-   - verify d, k: stages d+1..K-1 over k+1 tokens from their draft-boundary stream, all K heads at the
-     k+1 positions, Log-OP;
+   - verify d, k: stages d+1..K-1 over k+1 tokens from their draft-boundary stream, heads d+1..K-1 at
+     the k+1 positions (the draft passes ran heads 0..d there), Log-OP and each draft stage's agreement;
    - WAND stage j over T tokens (batch 1 only: WAND decodes rows one at a time): stage j, its head on
      the last position, the running sum of stage log-probs and its top-2 margin. T > 1 is a lazy fill:
      positions that exited below stage j run through it together with the token that needs it.
@@ -76,12 +76,12 @@ from machine import bandwidth, describe, load, matmul_flops  # noqa: E402
 
 import poegpt  # noqa: E402
 from poegpt import PoEConfig, PoEGPT  # noqa: E402
-from poegpt.cache import new_cache  # noqa: E402
-from poegpt.engine import StageMix, compile_decode, compiled, one_row_matmuls  # noqa: E402
+from poegpt.engine import compile_decode, compiled, one_row_matmuls  # noqa: E402
 from poegpt.hardware import resolve_dtype  # noqa: E402
 from poegpt.logop import logop  # noqa: E402
 from poegpt.model import TrunkState  # noqa: E402
 from poegpt.modes import ModeSpec, run_mode  # noqa: E402
+from poegpt.speculative import SpeculativeStep  # noqa: E402
 
 KS = (1, 2, 3, 4, 6, 8)
 FAST_KS = (1, 3, 8)
@@ -231,44 +231,39 @@ def stream_rate(dtype: torch.dtype, rows: int = 1, shape: tuple[int, int] = (48_
 
 class Passes:
     """The passes of one model at one batch size, against a cache holding `context` tokens per row.
-    Every pass writes at positions context.. and leaves the cache's lengths alone, so it can repeat."""
+    Every pass writes at positions context.. and leaves the cache's lengths alone, so it can repeat.
+    Full, draft and verify are speculative decoding's own passes (`SpeculativeStep`: the plain step is
+    full PoE's), on the cache the engine gives them (full-view when compiled)."""
 
-    def __init__(self, model, batch: int, context: int, max_tokens: int, backend: str | None):
+    def __init__(self, model, batch: int, context: int, max_tokens: int, backend: str | None,
+                 ks: tuple[int, ...] = ()):
         self.model, self.B, self.pos, self.backend = model, batch, context, backend
         cfg = model.config
         self.K, self.V = cfg.n_stages, cfg.vocab_size
-        self.cache = new_cache(model, batch, context + max_tokens)
+        self.step = SpeculativeStep(model, batch, context + max_tokens, backend, full_view=backend is not None,
+                                    compiled_ks=ks if backend else ())
+        self.cache = self.step.cache
         g = torch.Generator().manual_seed(batch)
         prompt = torch.randint(0, self.V, (batch, context), generator=g)
         model.walk(prompt, None, 0, self.K, 0, self.cache)             # the cache's first `context` tokens
         self.cache.reset([context] * batch)
         self.tokens = torch.randint(0, self.V, (batch, max_tokens), generator=g)
-        self.heads = [model.head_weight(j) for j in range(self.K)]
-        self.full_mix = StageMix.full(self.K, cfg.poe_alpha)
+        self.heads = self.step.heads
 
     def _fn(self, fn):
         return fn if self.backend is None else compiled(fn, self.backend)
 
-    def full(self):
-        model, pos, cache, heads, mix = self.model, self.pos, self.cache, self.heads, self.full_mix
-        tok = self.tokens[:, :1]
+    def _at(self, T: int) -> torch.Tensor:
+        """Positions context..context+T-1 for every row, (B, T)."""
+        return torch.full((self.B, 1), self.pos) + torch.arange(T)
 
-        def step(tok):
-            _, hs = model.walk(tok, None, 0, model.config.n_stages, pos, cache)
-            return mix.logprobs(model, [h[:, -1] for h in hs], heads)
-        fn = self._fn(step)
-        return lambda: fn(tok)
+    def full(self):
+        tok, pos, fn = self.tokens[:, 0], self._at(1)[:, 0], self.step.plain
+        return lambda: fn(tok, pos)
 
     def draft(self, d: int):
-        model, pos, cache = self.model, self.pos, self.cache
-        heads, mix = self.heads[: d + 1], StageMix(tuple(range(d + 1)))
-        tok = self.tokens[:, :1]
-
-        def step(tok):
-            _, hs = model.walk(tok, None, 0, d + 1, pos, cache)
-            return mix.logprobs(model, [h[:, -1] for h in hs], heads)
-        fn = self._fn(step)
-        return lambda: fn(tok)
+        tok, pos, fn = self.tokens[:, 0], self._at(1)[:, 0], self.step.draft(d)
+        return lambda: fn(tok, pos)
 
     def _boundary(self, stage: int, T: int):
         """T tokens, the stream after stages 0..stage-1 and their boundary outputs (untimed setup)."""
@@ -277,14 +272,13 @@ class Passes:
         return idx, state, outs
 
     def verify(self, d: int, k: int):
-        model, pos, cache, heads, mix, K = self.model, self.pos, self.cache, self.heads, self.full_mix, self.K
-        idx, state, shallow = self._boundary(d + 1, k + 1)
-
-        def step(idx, x, x0, x_mid, *shallow):
-            _, deep = model.walk(idx, TrunkState(x, x0, x_mid), d + 1, K, pos, cache)
-            return mix.logprobs(model, list(shallow) + deep, heads)
-        fn = self._fn(step)
-        return lambda: fn(idx, state.x, state.x0, state.x_mid, *shallow)
+        """Stages d+1.. over k+1 tokens, given stages 0..d's log-probs there (the draft passes made them)."""
+        model = self.model
+        idx, state, outs = self._boundary(d + 1, k + 1)
+        with torch.no_grad():
+            shallow = torch.stack([F.log_softmax(model.stage_logits(h, j, self.heads[j]), -1) for j, h in enumerate(outs)])
+        fn, pos = self.step.verify(d, k), self._at(k + 1)
+        return lambda: fn(state.x, state.x0, state.x_mid, shallow, idx, pos)
 
     def wand_stage(self, j: int, T: int):
         model, pos, cache, head = self.model, self.pos, self.cache, self.heads[j]
@@ -359,11 +353,11 @@ def measure_costs(model, batches, ks, fills, context, repeats, backend, bw, stre
     out = {}
     for B in batches:
         t0 = time.perf_counter()
-        p = Passes(model, B, context, max(max(ks) + 1, max(fills)), backend)
+        p = Passes(model, B, context, max(max(ks) + 1, max(fills)), backend, tuple(ks))
         # (where the figure goes, the pass, its stages first..last-1, heads, token rows, head rows, new tokens)
         plan = [(("full",), p.full(), 0, K, K, B, B, 1)]
         plan += [(("draft", d), p.draft(d), 0, d + 1, d + 1, B, B, 1) for d in range(K - 1)]
-        plan += [(("verify", d, k), p.verify(d, k), d + 1, K, K, B * (k + 1), B * (k + 1), k + 1)
+        plan += [(("verify", d, k), p.verify(d, k), d + 1, K, K - d - 1, B * (k + 1), B * (k + 1), k + 1)
                  for d in range(K - 1) for k in ks]
         if B == 1:                                            # WAND decodes one row at a time
             plan += [(("wand_stage", j, T), p.wand_stage(j, T), j, j + 1, 1, T, 1, T) for j in range(K) for T in fills]
