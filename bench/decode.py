@@ -15,6 +15,7 @@ baseline: the same trunk with one head. Prints tables, then one JSON line.
 
     python bench/decode.py                                   # the shipped demo model, dtype auto
     python bench/decode.py --model runs/demo/run --dtype fp32 --no-compile
+    python bench/decode.py --autotune --modes "speculative auto"   # compiled with max_autotune + freezing
 
 The modes and their settings come from the mode table (`poegpt.modes.MODES`, each entry's sweep).
 """
@@ -146,6 +147,8 @@ def parse_args():
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per figure (the best is kept)")
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 8])
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled decode steps")
+    ap.add_argument("--autotune", action="store_true",
+                    help="compile with inductor's max_autotune and freezing (poegpt.engine.Compiler; minutes per shape)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers generate")
     ap.add_argument("--modes", nargs="*", help="labels of the modes to run (default: all; full always runs)")
     ap.add_argument("--compile-modes", nargs="*", help="labels of the modes to time compiled (default: all)")
@@ -186,7 +189,7 @@ def measure_mode(model, rows, label, spec, a, hf_rows, reference, full_spec) -> 
             row[f"b{B}_eager_deep_fraction"] = gen.extra["deep_fraction"]
             row[f"b{B}_eager_agreement"] = agreement(gen.tokens, reference)
         if not a.no_compile and (a.compile_modes is None or label in a.compile_modes):
-            compile_decode(model, True)
+            compile_decode(model, True, autotune=a.autotune)
             t0 = time.perf_counter()
             run(model, rows, spec, a.tokens, B)      # compiles every shape the run takes (auto: what it explores)
             row[f"b{B}_compile_s"] = time.perf_counter() - t0
@@ -218,7 +221,8 @@ def measure_mode(model, rows, label, spec, a, hf_rows, reference, full_spec) -> 
 
 def print_tables(name, cfg, a, rows, machine, hf_rows, results) -> None:
     print(f"model: {name} ({cfg.n_layer} layers as {list(cfg.stage_layout)}, d={cfg.n_embd}, V={cfg.vocab_size}), "
-          f"{a.dtype}; {len(rows)} prompts x {a.tokens} new tokens, greedy; {describe(machine)}")
+          f"{a.dtype}; {len(rows)} prompts x {a.tokens} new tokens, greedy; "
+          f"{'compiled with max_autotune + freezing; ' if a.autotune else ''}{describe(machine)}")
     for B, h in hf_rows.items():
         print(f"transformers generate, batch {B}: {h['tok_s']:.1f} tok/s, tokens identical to poegpt full: "
               f"{'yes' if h['identical_to_full'] else 'no'}")
@@ -277,7 +281,7 @@ def main():
     for B, h in hf_rows.items():
         h["identical_to_full"] = h.pop("tokens") == reference
     print_tables(name, cfg, a, rows, machine, hf_rows, results)
-    print(json.dumps({"bench": "decode", "model": name, "dtype": a.dtype, "n_layer": cfg.n_layer,
+    print(json.dumps({"bench": "decode", "model": name, "dtype": a.dtype, "autotune": a.autotune, "n_layer": cfg.n_layer,
                       "stage_layout": list(cfg.stage_layout), "tokens": a.tokens, "prompts": len(rows),
                       "machine": {**machine, "load_1m_end": measure(flops=False, bw=False)["load_1m"]},
                       "hf": hf_rows, "results": results}))

@@ -76,7 +76,7 @@ from machine import bandwidth, describe, load, matmul_flops  # noqa: E402
 
 import poegpt  # noqa: E402
 from poegpt import PoEConfig, PoEGPT  # noqa: E402
-from poegpt.engine import compile_decode, compiled, one_row_matmuls  # noqa: E402
+from poegpt.engine import Compiler, compile_decode, compiled, one_row_matmuls  # noqa: E402
 from poegpt.hardware import resolve_dtype  # noqa: E402
 from poegpt.logop import logop  # noqa: E402
 from poegpt.model import TrunkState  # noqa: E402
@@ -235,13 +235,13 @@ class Passes:
     Full, draft and verify are speculative decoding's own passes (`SpeculativeStep`: the plain step is
     full PoE's), on the cache the engine gives them (full-view when compiled)."""
 
-    def __init__(self, model, batch: int, context: int, max_tokens: int, backend: str | None,
+    def __init__(self, model, batch: int, context: int, max_tokens: int, compiler: Compiler | None,
                  ks: tuple[int, ...] = ()):
-        self.model, self.B, self.pos, self.backend = model, batch, context, backend
+        self.model, self.B, self.pos, self.compiler = model, batch, context, compiler
         cfg = model.config
         self.K, self.V = cfg.n_stages, cfg.vocab_size
-        self.step = SpeculativeStep(model, batch, context + max_tokens, backend, full_view=backend is not None,
-                                    compiled_ks=ks if backend else ())
+        self.step = SpeculativeStep(model, batch, context + max_tokens, compiler, full_view=compiler is not None,
+                                    compiled_ks=ks if compiler else ())
         self.cache = self.step.cache
         g = torch.Generator().manual_seed(batch)
         prompt = torch.randint(0, self.V, (batch, context), generator=g)
@@ -249,9 +249,6 @@ class Passes:
         self.cache.reset([context] * batch)
         self.tokens = torch.randint(0, self.V, (batch, max_tokens), generator=g)
         self.heads = self.step.heads
-
-    def _fn(self, fn):
-        return fn if self.backend is None else compiled(fn, self.backend)
 
     def _at(self, T: int) -> torch.Tensor:
         """Positions context..context+T-1 for every row, (B, T)."""
@@ -291,7 +288,7 @@ class Passes:
             s = score + F.log_softmax(model.stage_logits(h[:, -1], j, head), -1)
             top2 = torch.topk(s, 2, -1).values
             return s, top2[:, 0] - top2[:, 1]
-        fn = self._fn(step)
+        fn = compiled(step, self.compiler)
         if j == 0:
             return lambda: fn(idx, None, None, None, score)
         return lambda: fn(idx, state.x, state.x0, state.x_mid, score)
@@ -344,7 +341,7 @@ def pass_shape(model, first: int, last: int, heads: int, rows: int, head_rows: i
 
 # --- measuring the costs -------------------------------------------------------------------------------------
 
-def measure_costs(model, batches, ks, fills, context, repeats, backend, bw, stream, gflop_s, log,
+def measure_costs(model, batches, ks, fills, context, repeats, compiler, bw, stream, gflop_s, log,
                   min_seconds: float = 0.0) -> dict:
     """Every pass's best seconds per batch, with its bytes, FLOPs, achieved GB/s, its share of the read
     bandwidth `bw`, its work time (bytes at the streaming rate `stream` plus FLOPs at the GEMM rate
@@ -353,7 +350,7 @@ def measure_costs(model, batches, ks, fills, context, repeats, backend, bw, stre
     out = {}
     for B in batches:
         t0 = time.perf_counter()
-        p = Passes(model, B, context, max(max(ks) + 1, max(fills)), backend, tuple(ks))
+        p = Passes(model, B, context, max(max(ks) + 1, max(fills)), compiler, tuple(ks))
         # (where the figure goes, the pass, its stages first..last-1, heads, token rows, head rows, new tokens)
         plan = [(("full",), p.full(), 0, K, K, B, B, 1)]
         plan += [(("draft", d), p.draft(d), 0, d + 1, d + 1, B, B, 1) for d in range(K - 1)]
@@ -654,7 +651,7 @@ def main():
     repeats = 2 if a.fast else a.repeats
     if a.fast:
         a.min_seconds = min(a.min_seconds, 2.0)
-    backend = "inductor" if a.compile else None
+    compiler = Compiler() if a.compile else None
     if a.compile:
         torch._dynamo.config.recompile_limit = 1024
         torch._dynamo.config.cache_size_limit = 1024
@@ -690,7 +687,7 @@ def main():
         log(f"{name}: built in {time.perf_counter() - t0:.0f} s")
         if a.compile:
             compile_decode(model, True, None)           # one-row passes take ATen's GEMV, as the compiled step does
-        costs = measure_costs(model, a.batch, ks, fills, a.context, repeats, backend, bw["read_gb_s"], stream, gemm,
+        costs = measure_costs(model, a.batch, ks, fills, a.context, repeats, compiler, bw["read_gb_s"], stream, gemm,
                               log, a.min_seconds)
         compile_decode(model, False)
         spec = project_speculative(costs, acc["alpha"], ks, K, replay)

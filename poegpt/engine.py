@@ -198,17 +198,17 @@ class DecodeStep:
 
     `head(hs, heads, *args)` turns the walked stages' boundary states [(B, d)] into the step's output
     (default: the mix's Log-OP log-probs); WAND's deep step gives its exit rule here, with its
-    thresholds as an extra tensor argument. `full_view=False` with backend None is the same step on
+    thresholds as an extra tensor argument. `full_view=False` with compiler None is the same step on
     an ordinary cache (an int position when the rows are aligned: the eager engine's attention)."""
 
-    def __init__(self, model, mix: StageMix, batch: int, max_len: int, backend: str | None = "inductor",
+    def __init__(self, model, mix: StageMix, batch: int, max_len: int, compiler: "Compiler | None",
                  head=None, full_view: bool = True):
         self.model, self.mix = model, mix
         self.cache = new_cache(model, batch, max_len)
         self.cache.full_view = full_view
         self.heads = [model.head_weight(k) for k in mix.stages]
         self.head = head if head is not None else (lambda hs, heads: mix.logprobs(model, hs, heads))
-        self.fn = compiled(self._step, backend)
+        self.fn = compiled(self._step, compiler)
 
     def _step(self, tok: torch.Tensor, pos, *args):
         _, hs = self.model.walk(tok[:, None], None, 0, self.mix.depth, pos if isinstance(pos, int) else pos[:, None],
@@ -221,14 +221,31 @@ class DecodeStep:
         return self.fn(tok, pos, *args)
 
 
-def compiled(fn, backend: str | None):
-    """`fn` under torch.compile at fixed shapes (None: `fn` itself, the same step eager)."""
-    if backend is None:
-        return fn
-    # emulate_precision_casts: fused bf16 element-wise chains round where eager rounds, so compiled
-    # greedy tokens equal eager ones in bf16 too (without it 1 of 8 demo prompts drifts; ~8 % slower)
-    options = {"emulate_precision_casts": True} if backend == "inductor" else None
-    return Compiled(torch.compile(fn, backend=backend, dynamic=False, options=options))
+@dataclass(frozen=True)
+class Compiler:
+    """How the fast path compiles a step: `torch.compile(backend=...)` at fixed shapes. `autotune`
+    (inductor): max_autotune (GEMM templates benchmarked per shape) and freezing (weights folded in as
+    constants, pre-packed): on the demo model in bf16, one thread, the AVX512_BF16 host, a plain step
+    2.33-2.43 -> 1.91 ms, a stage-0 draft pass 0.99 -> 0.74, a 4-position verify 3.06-3.50 -> 2.51,
+    for minutes of compile per step shape instead of seconds. A frozen step holds its weights: it is
+    built again when they change (`cached_step` keys on their versions)."""
+    backend: str = "inductor"
+    autotune: bool = False
+
+    def __call__(self, fn):
+        options = None
+        if self.backend == "inductor":
+            # emulate_precision_casts: fused bf16 element-wise chains round where eager rounds, so compiled
+            # greedy tokens equal eager ones in bf16 too (without it 1 of 8 demo prompts drifts; ~8 % slower)
+            options = {"emulate_precision_casts": True}
+            if self.autotune:
+                options.update(max_autotune=True, freezing=True)
+        return Compiled(torch.compile(fn, backend=self.backend, dynamic=False, options=options))
+
+
+def compiled(fn, compiler: Compiler | None):
+    """`fn` compiled by `compiler` (None: `fn` itself, the same step eager)."""
+    return fn if compiler is None else compiler(fn)
 
 
 def _signature(x):
@@ -275,11 +292,11 @@ def step_slots(model, need: int) -> int:
 
 
 class FastPath:
-    """A model's fast decode path: the torch.compile backend (None: the same fixed-shape steps
-    eager, for tests) and its compiled steps, most recently used last."""
+    """A model's fast decode path: how its steps compile (None: the same fixed-shape steps eager, for
+    tests) and its compiled steps, most recently used last."""
 
-    def __init__(self, backend: str | None):
-        self.backend = backend
+    def __init__(self, compiler: Compiler | None):
+        self.compiler = compiler
         self.steps: dict[tuple, object] = {}
 
 
@@ -293,12 +310,12 @@ def fast_path(model) -> FastPath | None:
 
 
 def cached_step(model, key: tuple, build):
-    """The model's step for `key`, built by `build(backend)` on first use and kept in a small LRU. Built
+    """The model's step for `key`, built by `build(compiler)` on first use and kept in a small LRU. Built
     again when the weights change (the summed heads are taken at build time)."""
     fast = _FAST[model]
     p = model.lm_head.weight
     key = key + (p.dtype, p.device, tuple(w._version for w in model.parameters()))
-    step = fast.steps.pop(key, None) or build(fast.backend)
+    step = fast.steps.pop(key, None) or build(fast.compiler)
     fast.steps[key] = step                                   # most recently used last
     while len(fast.steps) > MAX_STEPS:
         fast.steps.pop(next(iter(fast.steps)))
@@ -309,25 +326,29 @@ def decode_step(model, mix: StageMix, batch: int, need: int) -> DecodeStep:
     """The model's compiled step for (mix, batch, a cache of >= need slots)."""
     max_len = step_slots(model, need)
     return cached_step(model, ("static", mix, batch, max_len),
-                       lambda backend: DecodeStep(model, mix, batch, max_len, backend))
+                       lambda compiler: DecodeStep(model, mix, batch, max_len, compiler))
 
 
-def compile_decode(model, enabled: bool = True, backend: str | None = "inductor") -> None:
+def compile_decode(model, enabled: bool = True, backend: str | None = "inductor", autotune: bool = False) -> None:
     """Decode the static modes (full, prefix, stage, composition) with the fixed-shape one-token step,
     self-speculative decoding with fixed-shape draft and verify passes, and WAND's deep steps, compiled by
-    `torch.compile(backend=backend)` (None: the same steps uncompiled, for tests).
+    `torch.compile(backend=backend)` (None: the same steps uncompiled, for tests); `autotune`: inductor's
+    max_autotune and freezing (see `Compiler`: passes 20-28 % faster, compiles take minutes).
     Off by default: a step compiles in ~10-60 s on a 2-core CPU per (mode, batch, cache size), which
     pays off for long-running use (a server, benchmarks, long generations), not for one short call.
     See docs/benchmarks.md for compiled vs eager tokens/s per mode. Turning it off keeps the compiled
-    steps aside: on again with the same backend reuses them (a bench that times eager and compiled in
+    steps aside: on again with the same compiler reuses them (a bench that times eager and compiled in
     turn compiles each shape once)."""
     fast = _FAST.pop(model, None) or _PARKED.pop(model, None)
-    if not enabled:                 # parked: turning it on again with the same backend reuses its steps
+    if not enabled:                 # parked: turning it on again with the same compiler reuses its steps
         if fast is not None:
             _PARKED[model] = fast
         return
-    _FAST[model] = fast if fast is not None and fast.backend == backend else FastPath(backend)
-    if backend is not None:    # every (mode, batch, cache size) is one more graph of the same step
+    if autotune and backend != "inductor":
+        raise PoEError(f"autotune is inductor's max_autotune and freezing; it needs backend 'inductor', got {backend!r}")
+    compiler = None if backend is None else Compiler(backend, autotune)
+    _FAST[model] = fast if fast is not None and fast.compiler == compiler else FastPath(compiler)
+    if compiler is not None:   # every (mode, batch, cache size) is one more graph of the same step
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * MAX_STEPS)
 
 

@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from .cache import new_cache
-from .engine import (Generation, Sampling, StageMix, cached_step, check_prompts, compiled, fast_path, one_row_matmuls,
-                     pick, sampling_logprobs, step_slots, to_rows)
+from .engine import (Compiler, Generation, Sampling, StageMix, cached_step, check_prompts, compiled, fast_path,
+                     one_row_matmuls, pick, sampling_logprobs, step_slots, to_rows)
 from .errors import PoEError
 from .logop import logop
 from .model import TrunkState
@@ -69,10 +69,6 @@ def verifier_mix(K: int, verifier: str, alpha: float = 0.0) -> StageMix:
     return StageMix.single(K, K - 1) if verifier == "dense" else StageMix.full(K, alpha)
 
 
-def _positions(lengths, offset: int, T: int, device) -> torch.Tensor:
-    return torch.tensor(lengths, device=device)[:, None] + offset + torch.arange(T, device=device)
-
-
 def expected_tokens(alpha: float, k: int) -> float:
     """τ(α, k): tokens a row emits per cycle of k drafts accepted each with probability α (plus the verifier's own)."""
     return k + 1.0 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
@@ -89,28 +85,28 @@ class SpeculativeStep:
     Passes compile on first use (a verify per k; a k outside `compiled_ks` runs the same code eagerly).
     Without `compile_decode` the same passes run eagerly on a cache sized to the generation."""
 
-    def __init__(self, model, batch: int, max_len: int, backend: str | None, full_view: bool = True,
+    def __init__(self, model, batch: int, max_len: int, compiler: Compiler | None, full_view: bool = True,
                  verifier: str = "poe", compiled_ks: tuple[int, ...] = ()):
         K = model.config.n_stages
-        self.model, self.backend, self.compiled_ks = model, backend, set(compiled_ks)
+        self.model, self.compiler, self.compiled_ks = model, compiler, set(compiled_ks)
         self.cache = new_cache(model, batch, max_len)    # the passes use whatever cache is set here
         self.cache.full_view = full_view
         self.verify_mix = verifier_mix(K, verifier, model.config.poe_alpha)
         self.agreement = verifier == "poe"
         self.heads = [model.head_weight(j) for j in range(K)]
         self._draft, self._verify = {}, {}
-        self.plain = compiled(self._plain, backend)
+        self.plain = compiled(self._plain, compiler)
 
     def draft(self, d: int):
         if d not in self._draft:
-            self._draft[d] = compiled(lambda tok, pos: self._draft_pass(d, tok, pos), self.backend)
+            self._draft[d] = compiled(lambda tok, pos: self._draft_pass(d, tok, pos), self.compiler)
         return self._draft[d]
 
     def verify(self, d: int, k: int):
         key = (d, k in self.compiled_ks)
         if key not in self._verify:
             fn = lambda *args: self._verify_pass(d, *args)   # noqa: E731
-            self._verify[key] = compiled(fn, self.backend) if key[1] else fn
+            self._verify[key] = compiled(fn, self.compiler) if key[1] else fn
         return self._verify[key]
 
     def _draft_pass(self, d: int, tok: torch.Tensor, pos: torch.Tensor):
@@ -123,21 +119,23 @@ class SpeculativeStep:
 
     def _verify_pass(self, d: int, x, x0, x_mid, shallow: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor):
         """Stages d+1.. over idx (B, T) at pos (B, T), with stages 0..d's log-probs at those positions
-        from the draft passes (`shallow`, (d+1, B, T, V)): the verifier's log-probs (B, T, V) and, per
-        draft stage d' < K-1, how many of the B·T positions its prefix argmax equals the verifier's (K-1,).
+        from the draft passes (`shallow`, (d+1, B, T, V)): the verifier's log-probs (B, T, V); per
+        draft stage d' < K-1, how many of the B·T positions its prefix argmax equals the verifier's
+        (K-1,), or None for a dense verifier; and greedy acceptance (`accept_greedy`), in the pass.
         Taking the shallow heads from the drafts saves d+1 head matmuls at T rows (at T = 4 each costs
         ~3x its one-row time on the demo in bf16: 345 vs 121 µs, AVX512_BF16 host)."""
         K = self.model.config.n_stages
         _, deep = self.model.walk(idx, TrunkState(x, x0, x_mid), d + 1, K, pos, self.cache)
         mix = self.verify_mix
         if not self.agreement:   # stage K-1 alone: the deepest head only
-            return mix.logprobs(self.model, {K - 1: deep[-1]}, [self.heads[K - 1]]), None
+            p = mix.logprobs(self.model, {K - 1: deep[-1]}, [self.heads[K - 1]])
+            return p, None, *accept_greedy(p.argmax(-1), idx)
         logps = list(shallow.unbind(0)) + [F.log_softmax(self.model.stage_logits(h, j, self.heads[j]), -1)
                                            for j, h in enumerate(deep, d + 1)]
         p = mix.combine(logps)
         top = p.argmax(-1)
         prefix = torch.stack(logps[:-1]).cumsum(0).argmax(-1)                  # (K-1, B, T): Log-OP argmax of 0..d'
-        return p, (prefix == top).flatten(1).sum(1)
+        return p, (prefix == top).flatten(1).sum(1), *accept_greedy(top, idx)
 
     def _plain(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         _, hs = self.model.walk(tok[:, None], None, 0, self.model.config.n_stages, pos[:, None], self.cache)
@@ -331,26 +329,29 @@ def timed(costs: PassCosts, key, device, fn, *args):
     return out
 
 
-def accept(p: torch.Tensor, idx: torch.Tensor, draft_logps: list[torch.Tensor], sampling: Sampling,
-           generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: how many drafts are accepted (m), and the verifier's own next token; on the device.
+def accept_greedy(top: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy acceptance per row from the verifier's argmax `top` (B, k+1) at the pending position and
+    each draft: how many drafts equal it in a row (m, (B,)) and the verifier's next token (B,)."""
+    k = idx.size(1) - 1
+    m = (idx[:, 1:] == top[:, :k]).long().cumprod(1).sum(1)
+    return m, top.gather(1, m[:, None]).squeeze(1)
 
-    p: (B, k+1, V) verifier log-probs at the pending position and each draft; idx: (B, k+1) the pending
-    token then the drafts; draft_logps[j]: (B, V) the distribution draft j+1 was drawn from."""
+
+def accept_sampled(p: torch.Tensor, idx: torch.Tensor, draft_logps: list[torch.Tensor],
+                   generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled acceptance per row: how many drafts are accepted (m) and the verifier's own next token.
+
+    p: (B, k+1, V) filtered verifier log-probs at the pending position and each draft; idx: (B, k+1)
+    the pending token then the drafts; draft_logps[j]: (B, V) the distribution draft j+1 was drawn from.
+    Draft t is accepted with probability min(1, p(t)/q(t)); a rejected row draws from max(0, p − q)."""
     B, k = idx.size(0), idx.size(1) - 1
     rows = torch.arange(B, device=idx.device)
     drafts = idx[:, 1:]                                                         # (B, k)
-    if sampling.greedy:
-        ok = drafts == p[:, :k].argmax(-1)
-    else:
-        q = torch.stack(draft_logps, 1)                                         # (B, k, V)
-        ratio = (p[:, :k].gather(-1, drafts[..., None]) - q.gather(-1, drafts[..., None])).squeeze(-1).exp()
-        ok = torch.rand(B, k, generator=generator, device=idx.device) < ratio  # accept with min(1, p/q)
+    q = torch.stack(draft_logps, 1)                                             # (B, k, V)
+    ratio = (p[:, :k].gather(-1, drafts[..., None]) - q.gather(-1, drafts[..., None])).squeeze(-1).exp()
+    ok = torch.rand(B, k, generator=generator, device=idx.device) < ratio
     m = ok.long().cumprod(1).sum(1)                                             # (B,)
-    p_m = p[rows, m]                                                            # (B, V)
-    if sampling.greedy:
-        return m, p_m.argmax(-1)
-    probs = p_m.exp()                          # a rejected row draws from the residual max(0, p − q)
+    probs = p[rows, m].exp()
     resid = (probs - q[rows, m.clamp(max=k - 1)].exp()).clamp(min=0)
     resid = resid / resid.sum(-1, keepdim=True).clamp(min=1e-30)
     probs = torch.where((m < k)[:, None], resid, probs)
@@ -388,7 +389,7 @@ def _step(model, B: int, capacity: int, k_draft, verifier: str) -> SpeculativeSt
     max_len = step_slots(model, capacity)
     ks = AUTO_DRAFTS if k_draft == "auto" else (k_draft,)
     return cached_step(model, ("speculative", B, max_len, verifier, ks),
-                       lambda backend: SpeculativeStep(model, B, max_len, backend, verifier=verifier, compiled_ks=ks))
+                       lambda compiler: SpeculativeStep(model, B, max_len, compiler, verifier=verifier, compiled_ks=ks))
 
 
 class Speculator:
@@ -401,7 +402,7 @@ class Speculator:
                  verifier: str, fallback: str, generator):
         self.model, self.step, self.sampling, self.generator = model, step, sampling, generator
         self.device = model.rope_cos.device
-        fast = fast_path(model) is not None and step.backend is not None
+        fast = fast_path(model) is not None and step.compiler is not None
         self.costs = pass_costs(model, (fast, batch, verifier, next(model.parameters()).dtype))
         # a seeded sampled generation keeps one plan: measured costs vary from run to run, its seed must not
         adapt = fallback == "auto" and (sampling.greedy or sampling.seed is None)
@@ -443,14 +444,14 @@ class Speculator:
         step.cache = cache
         B = pending.size(0)
         if k == 0:   # --- a plain step of the verifier ----------------------------------------------------
-            last = self._plain(pending, _positions(cache.lengths, 0, 1, device)[:, 0])
+            last = self._plain(pending, torch.tensor(cache.lengths, device=device))
             return pending[:, None], torch.zeros(B, dtype=torch.long, device=device), last, 0
         # --- draft: stages 0..d, one token at a time, writing the shared cache ------------------------------
+        base = torch.tensor(cache.lengths, device=device)                  # (B,): each row's pending position
         tokens, states, shallow, draft_logps = [pending], [], [], []
         for i in range(k + 1):              # pass k readies the last draft for verification (and its heads)
-            pos = _positions(cache.lengths, i, 1, device)[:, 0]
             with one_row_matmuls(self.model, B):
-                x, x0, x_mid, logps, q = timed(costs, ("draft", d), device, step.draft(d), tokens[-1], pos)
+                x, x0, x_mid, logps, q = timed(costs, ("draft", d), device, step.draft(d), tokens[-1], base + i)
             states.append(TrunkState(x, x0, x_mid))
             shallow.append(logps)
             if i < k:
@@ -461,13 +462,11 @@ class Speculator:
         # --- verify: the remaining stages over the pending token and the k drafts, in one pass --------------
         idx = torch.stack(tokens, 1)                                        # (B, k+1)
         state = TrunkState.cat(states)
-        p, agree = timed(costs, ("verify", d, k), device, step.verify(d, k), state.x, state.x0, state.x_mid,
-                         torch.stack(shallow, 2), idx,
-                         _positions(cache.lengths, 0, k + 1, device))
-        if not sampling.greedy:
-            p = sampling_logprobs(p, sampling)
+        p, agree, m, last = timed(costs, ("verify", d, k), device, step.verify(d, k), state.x, state.x0, state.x_mid,
+                                  torch.stack(shallow, 2), idx, base[:, None] + torch.arange(k + 1, device=device))
         # --- accept: the longest prefix the verifier agrees with, then one token of its own ------------------
-        m, last = accept(p, idx, draft_logps, sampling, self.generator)
+        if not sampling.greedy:             # greedy acceptance ran in the verify pass
+            m, last = accept_sampled(sampling_logprobs(p, sampling), idx, draft_logps, self.generator)
         if agree is not None:
             costs.note_agreement(agree.tolist(), B * (k + 1))
         self.draft_stages[d] += 1

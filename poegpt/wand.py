@@ -32,8 +32,8 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
-from .engine import (MAX_STEPS, DecodeStep, Generation, StageMix, cached_step, check_prompts, fast_path, one_row_matmuls,
-                     prefill, step_slots)
+from .engine import (MAX_STEPS, Compiler, DecodeStep, Generation, StageMix, cached_step, check_prompts, fast_path,
+                     one_row_matmuls, prefill, step_slots)
 from .errors import PoEError
 from .model import TrunkState
 
@@ -215,9 +215,9 @@ class WandStep:
     serves every safety and bound. Holds its cache, which the lazy path shares, and the pass costs
     measured for its shape."""
 
-    def __init__(self, model, batch: int, max_len: int, backend: str | None, full_view: bool = True):
+    def __init__(self, model, batch: int, max_len: int, compiler: Compiler | None, full_view: bool = True):
         self.model = model
-        self.step = DecodeStep(model, StageMix.full(model.config.n_stages), batch, max_len, backend,
+        self.step = DecodeStep(model, StageMix.full(model.config.n_stages), batch, max_len, compiler,
                                head=self.exits, full_view=full_view)
         self.cache, self.heads = self.step.cache, self.step.heads
         self.costs: Costs | None = None
@@ -235,7 +235,7 @@ def wand_step(model, batch: int, need: int) -> WandStep:
     """The model's cached deep step on the fast path, else an eager one with a cache sized to `need`."""
     if fast_path(model) is not None:
         max_len = step_slots(model, need)
-        return cached_step(model, ("wand", batch, max_len), lambda backend: WandStep(model, batch, max_len, backend))
+        return cached_step(model, ("wand", batch, max_len), lambda compiler: WandStep(model, batch, max_len, compiler))
     return WandStep(model, batch, need, None, full_view=False)
 
 

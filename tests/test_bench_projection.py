@@ -80,9 +80,9 @@ def test_passes_on_the_tiny_config():
     assert pj.layer_params(model, 0, 1) + pj.layer_params(model, 1, K) == pj.layer_params(model, 0, K)
     p = pj.Passes(model, 2, 8, 3, None)
     with torch.no_grad():
-        logp, agree = p.verify(0, 2)()
+        logp, agree, m, last = p.verify(0, 2)()
     assert logp.shape == (2, 3, model.config.vocab_size) and p.cache.lengths == (8, 8)
-    assert agree.shape == (K - 1,) and int(agree.max()) <= 2 * 3
+    assert agree.shape == (K - 1,) and int(agree.max()) <= 2 * 3 and m.shape == last.shape == (2,)
     # verify d reads the layers past stage d and the heads d+1..K-1 (the drafts ran heads 0..d)
     assert costs[1]["verify"][0][2]["weight_bytes"] == (pj.layer_params(model, 1, K) + (K - 1) * V * d) * 4
     spec = pj.project_speculative(costs, {d: 0.5 for d in range(K - 1)}, (1, 2), K,

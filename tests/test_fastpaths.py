@@ -25,7 +25,8 @@ def test_windowed_attention_equals_masked_sdpa_fp64(pos, T, window, gqa):
 
 # --- the fixed-shape decode step ---------------------------------------------------------------------
 
-from poegpt.engine import StageMix, compile_decode, fast_path  # noqa: E402
+from poegpt.engine import Compiler, StageMix, compile_decode, fast_path  # noqa: E402
+from poegpt.errors import PoEError  # noqa: E402
 from poegpt.modes import ModeSpec, mode_steps  # noqa: E402
 from poegpt.speculative import AUTO_DRAFTS  # noqa: E402
 
@@ -83,7 +84,7 @@ def test_compiled_step_equals_eager_step(model):
         assert generate(model, prompts, mix, 10) == want
     finally:
         compile_decode(model, False)
-    eager, compiled = (DecodeStep(model, mix, 2, 64, b) for b in (None, "inductor"))
+    eager, compiled = (DecodeStep(model, mix, 2, 64, c) for c in (None, Compiler()))
     tok = torch.tensor([7, 9])
     with torch.no_grad():
         for step in (eager, compiled):
@@ -107,7 +108,7 @@ def test_warm_compiled_steps_skip_guards_yet_each_runs_its_own_weights_and_cache
     steps, state = [], []
     with torch.no_grad():
         for m, prompts in cases:
-            pair = (DecodeStep(m, mix, 2, 64, None), DecodeStep(m, mix, 2, 64, "inductor"))
+            pair = (DecodeStep(m, mix, 2, 64, None), DecodeStep(m, mix, 2, 64, Compiler()))
             for step in pair:
                 prefill(m, step.cache, prompts, mix.depth)
             steps.append(pair)
@@ -202,6 +203,36 @@ def test_compiled_speculative_equals_full_greedy(model):
             assert speculative(model, batch, 12, draft_stage=1, k_draft=3)[0] == full[:len(batch)]
     finally:
         compile_decode(model, False)
+
+
+@pytest.mark.slow
+def test_autotuned_frozen_steps_equal_eager(model):
+    """compile_decode(autotune=True): inductor's max_autotune and freezing (weights folded in as
+    constants). Full greedy and speculative greedy still give the eager tokens; frozen steps of two
+    models of one config, called in turn, each compute with their own weights; a bad backend is refused."""
+    from poegpt.engine import DecodeStep, prefill
+    prompts = rows(2, seed=6, lengths=(7, 4))
+    full = generate(model, prompts, StageMix.full(K), 8)
+    compile_decode(model, autotune=True)
+    try:
+        assert generate(model, prompts, StageMix.full(K), 8) == full
+        assert speculative(model, prompts[:1], 8, draft_stage=1, k_draft=2)[0] == full[:1]
+    finally:
+        compile_decode(model, False)
+    other, mix = build_random_model(seed=11), StageMix.full(K)
+    with torch.no_grad():
+        pairs = [(DecodeStep(m, mix, 1, 64, None), DecodeStep(m, mix, 1, 64, Compiler(autotune=True)))
+                 for m in (model, other)]
+        for m, pair in zip((model, other), pairs):
+            for step in pair:
+                prefill(m, step.cache, prompts[:1], mix.depth)
+        tok, pos = torch.tensor([7]), torch.tensor([7])
+        for _ in range(3):
+            for eager, frozen in pairs:
+                torch.testing.assert_close(frozen(tok, pos), eager(tok, pos), rtol=1e-5, atol=1e-5)
+            tok, pos = (tok * 3 + 1) % 50, pos + 1
+    with pytest.raises(PoEError, match="autotune .* needs backend 'inductor'"):
+        compile_decode(model, backend="eager", autotune=True)
 
 
 # --- WAND: the deep step on the fast path ---------------------------------------------------------------
