@@ -54,8 +54,9 @@ AUTO_DRAFTS = (1, 2, 3, 4, 6, 8)   # the lengths k_draft="auto" picks from (the 
 FIRST_K = 3                        # auto's first cycle, before any cost is measured
 VERIFIERS = ("poe", "dense")
 FALLBACKS = ("auto", "never")
-PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.6, 4.0   # a draft stage's agreement before any verify measured it, worth 4 drafts
+PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.6, 12.0  # a draft stage's agreement before any verify measured it, worth 12 drafts
 FORGET = 0.9                       # per cycle: the running acceptance follows the text being written
+FADE = 0.9                         # per plain step: what cycles showed of the text fades back to the prior
 PROBE_EVERY = 32                   # plain steps before a probe cycle re-measures the acceptance (doubling after each)
 MARGIN = 0.10                      # drafting must promise 10 % more tokens/s than plain steps: never lose to noise
 EXPLORE = 0.25                     # ... and 25 % for a (d, k) never timed (its first call compiles a verify pass)
@@ -294,6 +295,7 @@ class Planner:
                     best, plan = rate / margin, (d, k)
         if plan[1] == 0:
             self.held = REPLAN - 1                   # the next REPLAN - 1 steps are plain without planning
+            self.fade(REPLAN)
             self.plain_run += REPLAN
             if self.plain_run >= self.probe_every:   # now and then a short cycle, so the acceptance can recover
                 self.plain_run, self.probe_every = 0, 2 * self.probe_every
@@ -305,6 +307,16 @@ class Planner:
         else:
             self.plain_run, self.probe_every = 0, PROBE_EVERY
         return plan
+
+    def fade(self, steps: int) -> None:
+        """Plain steps show nothing of how drafts would fare: the acceptance and yields measured before
+        them fade (FADE per step) towards the prior, so that a burst of rejections does not keep a
+        generation plain for the rest of a short generation when drafting pays on the text at large
+        (demo, fp32, b1, d0 k3: two rejecting cycles at a prompt's start kept it plain for 24+ steps)."""
+        f = FADE ** steps
+        self.accepted, self.drafted = f * self.accepted, f * self.drafted
+        for y in self.costs.yields.values():
+            y[0], y[1] = f * y[0], f * y[1]
 
     def update(self, d: int, k: int, accepted: int, rows: int) -> None:
         """After a cycle of (d, k): `accepted` drafts over `rows` rows."""
