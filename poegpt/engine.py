@@ -226,9 +226,9 @@ class Compiler:
     """How the fast path compiles a step: `torch.compile(backend=...)` at fixed shapes. `autotune`
     (inductor): max_autotune (GEMM templates benchmarked per shape) and freezing (weights folded in as
     constants, pre-packed): on the demo model in bf16, one thread, the AVX512_BF16 host, a plain step
-    2.33-2.43 -> 1.91 ms, a stage-0 draft pass 0.99 -> 0.74, a 4-position verify 3.06-3.50 -> 2.51,
-    for minutes of compile per step shape instead of seconds. A frozen step holds its weights: it is
-    built again when they change (`cached_step` keys on their versions)."""
+    2.43 -> 1.67 ms, a stage-0 draft pass 0.97 -> 0.65, a 4-position verify 2.37 -> 1.44, for ~10x
+    the compile time per step shape (79 s vs 8 s for seven passes, cold). A frozen step holds its
+    weights: it is built again when they change (`cached_step` keys on their versions)."""
     backend: str = "inductor"
     autotune: bool = False
 
@@ -341,7 +341,7 @@ def compile_decode(model, enabled: bool = True, backend: str | None = "inductor"
     """Decode the static modes (full, prefix, stage, composition) with the fixed-shape one-token step,
     self-speculative decoding with fixed-shape draft and verify passes, and WAND's deep steps, compiled by
     `torch.compile(backend=backend)` (None: the same steps uncompiled, for tests); `autotune`: inductor's
-    max_autotune and freezing (see `Compiler`: passes 20-28 % faster, compiles take minutes).
+    max_autotune and freezing (see `Compiler`: passes 31-39 % faster, ~10x the compile time).
     Off by default: a step compiles in ~10-60 s on a 2-core CPU per (mode, batch, cache size), which
     pays off for long-running use (a server, benchmarks, long generations), not for one short call.
     See docs/benchmarks.md for compiled vs eager tokens/s per mode. Turning it off keeps the compiled
