@@ -232,18 +232,23 @@ class Compiler:
     backend: str = "inductor"
     autotune: bool = False
 
+    def __post_init__(self):
+        if self.autotune and self.backend != "inductor":
+            raise PoEError(f"autotune is inductor's max_autotune and freezing; it needs backend 'inductor', "
+                           f"got {self.backend!r}")
+
     def __call__(self, fn):
-        options = None
+        options, config = None, {}
         if self.backend == "inductor":
             # emulate_precision_casts: fused bf16 element-wise chains round where eager rounds, so compiled
             # greedy tokens equal eager ones in bf16 too (without it 1 of 8 demo prompts drifts; ~8 % slower)
             options = {"emulate_precision_casts": True}
             if self.autotune:
                 options["max_autotune"] = True
-        # freezing is read outside the per-compile options (given there it is silently not applied:
-        # measured, the passes' times did not move), so it is set around the calls that compile
-        frozen = {"freezing": True} if self.autotune and self.backend == "inductor" else {}
-        return Compiled(torch.compile(fn, backend=self.backend, dynamic=False, options=options), frozen)
+                # freezing is read outside the per-compile options (given there it is silently not
+                # applied: measured, the passes' times did not move): set around the calls that compile
+                config = {"freezing": True}
+        return Compiled(torch.compile(fn, backend=self.backend, dynamic=False, options=options), config)
 
 
 def compiled(fn, compiler: Compiler | None):
@@ -352,9 +357,7 @@ def compile_decode(model, enabled: bool = True, backend: str | None = "inductor"
         if fast is not None:
             _PARKED[model] = fast
         return
-    if autotune and backend != "inductor":
-        raise PoEError(f"autotune is inductor's max_autotune and freezing; it needs backend 'inductor', got {backend!r}")
-    compiler = None if backend is None else Compiler(backend, autotune)
+    compiler = None if backend is None and not autotune else Compiler(backend, autotune)
     _FAST[model] = fast if fast is not None and fast.compiler == compiler else FastPath(compiler)
     if compiler is not None:   # every (mode, batch, cache size) is one more graph of the same step
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * MAX_STEPS)
