@@ -21,7 +21,7 @@ distribution, so greedy output equals `generate_stage(ids, K-1)` and sampling fo
 Adaptive, never losing (`fallback="auto"`, the default): before every cycle a cost model compares
 speculating k tokens, at τ(α, k) = (1 − α^{k+1}) / (1 − α) expected tokens per row for a cycle of
 (k+1)·c_draft + c_verify(k), with a plain step of the verifier (one token per c_plain); it drafts
-only when that promises 10 % more tokens per second, so a configuration that would lose decodes
+only when that promises 5 % more tokens per second, so a configuration that would lose decodes
 plainly instead. Acceptance comes in bursts, not independently per token, so τ over-promises: once
 cycles ran, τ is scaled by the tokens they emitted over what it promised, and a (d, k) that ran is
 judged by its own recent yield. The c's are measured wall times (whole cycles and plain steps where timed, else
@@ -55,10 +55,10 @@ FIRST_K = 3                        # auto's first cycle, before any cost is meas
 VERIFIERS = ("poe", "dense")
 FALLBACKS = ("auto", "never")
 PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.6, 12.0  # a draft stage's agreement before any verify measured it, worth 12 drafts
-FORGET = 0.9                       # per cycle: the running acceptance follows the text being written
+FORGET = 0.97                      # per cycle: the running acceptance follows the text, over ~30 cycles (not bursts)
 FADE = 0.9                         # per plain step: what cycles showed of the text fades back to the prior
 PROBE_EVERY = 32                   # plain steps before a probe cycle re-measures the acceptance (doubling after each)
-MARGIN = 0.10                      # drafting must promise 10 % more tokens/s than plain steps: never lose to noise
+MARGIN = 0.05                      # drafting must promise 5 % more tokens/s than plain steps: never lose to noise
 EXPLORE = 0.25                     # ... and 25 % for a (d, k) never timed (its first call compiles a verify pass)
 REPLAN = 8                         # plain steps between two plans (a plan costs ~50 µs of Python per step)
 MEASURE = 8                        # calls per pass shape whose best time is its cost; then it tracks (GPU: stops)
@@ -135,8 +135,13 @@ class SpeculativeStep:
                                            for j, h in enumerate(deep, d + 1)]
         p = mix.combine(logps)
         top = p.argmax(-1)
-        prefix = torch.stack(logps[:-1]).cumsum(0).argmax(-1)                  # (K-1, B, T): Log-OP argmax of 0..d'
-        return p, (prefix == top).flatten(1).sum(1), *accept_greedy(top, idx)
+        # per prefix 0..d': how often its Log-OP argmax (that of the summed log-probs) is the verifier's; the
+        # running sum, not a cumsum over stacked log-probs (an unfused 42 µs of a 1.2 ms verify, demo bf16)
+        running, agree = logps[0], []
+        for j in range(K - 1):
+            running = running if j == 0 else running + logps[j]
+            agree.append((running.argmax(-1) == top).sum())
+        return p, torch.stack(agree), *accept_greedy(top, idx)
 
     def _plain(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         _, hs = self.model.walk(tok[:, None], None, 0, self.model.config.n_stages, pos[:, None], self.cache)
