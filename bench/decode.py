@@ -191,7 +191,10 @@ def measure_mode(model, rows, label, spec, a, hf_rows, reference, full_spec) -> 
         if not a.no_compile and (a.compile_modes is None or label in a.compile_modes):
             compile_decode(model, True, autotune=a.autotune)
             t0 = time.perf_counter()
-            run(model, rows, spec, a.tokens, B)      # compiles every shape the run takes (auto: what it explores)
+            if spec.entry.warm is not None:          # every shape its plans may take (auto: each d and k)
+                for i in range(0, len(rows), B):
+                    spec.entry.warm(model, rows[i:i + B], spec, a.tokens)
+            run(model, rows, spec, a.tokens, B)      # compiles every shape the run takes
             row[f"b{B}_compile_s"] = time.perf_counter() - t0
             if beside is not None:
                 run(model, rows[:B], full_spec, a.tokens, B)             # full's compiled step, ready

@@ -23,7 +23,7 @@ import torch
 from .engine import Generation, Sampling, StageMix, decode_static, to_rows
 from .errors import PoEError
 from .speculative import (AUTO_DRAFTS, FALLBACKS, VERIFIERS, check_speculative_args, speculative_steps, speculator,
-                          verifier_mix)
+                          verifier_mix, warm_speculative)
 from .wand import check_bounds, wand_steps
 
 KINDS = ("int", "float", "ints", "floats", "int_or_auto", "choice")
@@ -91,7 +91,9 @@ class Mode:
     `BatchRow`): a static mode from its mix; any other from its target, with `exit(spec, model)` the
     (bounds, safety) of an exit rule that picks the token and its stage instead of sampling (WAND), and
     `alone(spec, model, sampling)` a per-sequence object whose `cycle` runs when the row has the step to
-    itself (speculative: a draft-verify cycle on the row's cache, where the cost model says it pays)."""
+    itself (speculative: a draft-verify cycle on the row's cache, where the cost model says it pays).
+    `warm(model, rows, spec, max_new_tokens)`, where a run's compiled shapes depend on what it plans,
+    compiles them all ahead (speculative: every (draft stage, length) of its plan space)."""
     name: str
     help: str
     run: Callable[..., Iterator[list[list[int]]]]
@@ -106,6 +108,7 @@ class Mode:
     target: Callable[..., StageMix] | None = None
     exit: Callable[..., tuple] | None = None
     alone: Callable[..., object] | None = None
+    warm: Callable[..., None] | None = None
 
     def configurations(self, config, calibration, sweep: bool = False) -> list[tuple[str, "ModeSpec"]]:
         """(label, ModeSpec) of the showcase settings, or of the bench sweep."""
@@ -404,6 +407,8 @@ register(Mode("speculative", "stages <= d draft, the rest verifies in one pass (
               merge=_speculative_merge,
               target=lambda spec, cfg: verifier_mix(cfg.n_stages, spec.verifier, cfg.poe_alpha),
               alone=_speculative_alone,
+              warm=lambda model, rows, spec, n: warm_speculative(model, rows, spec.draft_stage, spec.k_draft, n,
+                                                                 spec.verifier),
               sweep=lambda cfg, cal: [(f"speculative d{d} k{k}", {"draft_stage": d, "k_draft": k})
                                       for d in range(cfg.n_stages - 1) for k in (3, "auto")]
               + [("speculative auto", {"draft_stage": "auto", "k_draft": "auto"})]))

@@ -205,6 +205,40 @@ def test_compiled_speculative_equals_full_greedy(model):
         compile_decode(model, False)
 
 
+def test_warmed_speculative_compiles_nothing_while_it_plans(monkeypatch):
+    """warm_speculative compiles every pass of the plan space ahead (dynamo's eager backend: traced
+    graphs, no codegen): generations that then plan freely (auto stage and length, every fixed length
+    of that space) recompile nothing, and still give full greedy; the warm-up leaves no cost counted."""
+    import itertools
+
+    from poegpt.speculative import _COSTS, Planner, warm_speculative
+    model = build_random_model(seed=6)          # its own: no cost record from other tests
+    prompts = rows(2, seed=8, lengths=(6, 3))
+    full = generate(model, prompts, StageMix.full(K), 14)
+    compile_decode(model, backend="eager")
+    try:
+        warm_speculative(model, prompts, "auto", "auto", 14)
+        costs = next(c for key, c in _COSTS[model].items() if key[:2] == (True, 2))
+        assert set(costs.calls) >= {("verify", d, k) for d in range(K - 1) for k in AUTO_DRAFTS}
+        assert all(costs.calls[("verify", d, k)] == 1 for d in range(K - 1) for k in AUTO_DRAFTS)
+        assert not any(key[0] == "verify" for key in costs.seconds)       # a compiling call is not a cost
+        with torch.compiler.set_stance("fail_on_recompile"):
+            assert speculative(model, prompts, 14, draft_stage="auto", k_draft="auto")[0] == full
+            # plans walking the whole space in turn (each (d, k) that fits, and plain steps)
+            space = [(d, k) for d in range(K - 1) for k in AUTO_DRAFTS] + [(0, 0)]
+            plans, seen = itertools.cycle(space), set()
+
+            def choose(self, room):
+                plan = next(p for p in plans if p[1] <= room)
+                seen.add(plan)
+                return plan
+            monkeypatch.setattr(Planner, "choose", choose)
+            while len(seen) < len(space):
+                assert speculative(model, prompts, 14, draft_stage="auto", k_draft="auto")[0] == full
+    finally:
+        compile_decode(model, False)
+
+
 @pytest.mark.slow
 def test_autotuned_frozen_steps_equal_eager(model):
     """compile_decode(autotune=True): inductor's max_autotune and freezing (weights folded in as
