@@ -35,9 +35,10 @@ a seeded sampled generation keeps one fixed plan, so that its seed reproduces it
 
 from __future__ import annotations
 
-import math
+import statistics
 import time
 import weakref
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -57,12 +58,13 @@ FALLBACKS = ("auto", "never")
 PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.6, 12.0  # a draft stage's agreement before any verify measured it, worth 12 drafts
 FORGET = 0.97                      # per cycle: the running acceptance follows the text, over ~30 cycles (not bursts)
 FADE = 0.9                         # per plain step: what cycles showed of the text fades back to the prior
-PROBE_EVERY = 32                   # plain steps before a probe cycle re-measures the acceptance (doubling after each)
+PROBE_EVERY = 32                   # plain steps before a probe cycle re-measures the acceptance (doubling after each);
+                                   # and cycles in a row before one plain step re-times the yardstick
 MARGIN = 0.05                      # drafting must promise 5 % more tokens/s than plain steps: never lose to noise
 EXPLORE = 0.25                     # ... and 25 % for a (d, k) never timed (its first call compiles a verify pass)
 REPLAN = 8                         # plain steps between two plans (a plan costs ~50 µs of Python per step)
-MEASURE = 8                        # calls per pass shape whose best time is its cost; then it tracks (GPU: stops)
-TRACK = 0.05                       # after MEASURE calls a pass's cost follows each new time by 5 % (machines drift)
+WINDOW = 9                         # a pass's cost: the median of its last 9 times (machines drift and get preempted)
+MEASURE = 10                       # on a GPU, where timing needs a sync, calls timed per pass shape (then it stops)
 
 
 def verifier_mix(K: int, verifier: str, alpha: float = 0.0) -> StageMix:
@@ -154,12 +156,14 @@ class PassCosts:
     """What the cost model knows of one model at one batch size and verifier: the wall time of each
     pass ("plain"; ("draft", d); ("verify", d, k)) and of whole steps (("step",): a plain step with its
     pick and host work; ("cycle", d, k)), and each draft stage's agreement with the verifier counted
-    by the verify passes. The first call of a shape is not counted (it compiles); the best of the next
-    MEASURE is the cost, which then follows new times (TRACK, each clipped at twice the cost, so a
-    preempted call does not count) on a CPU, where timing is free; on a GPU timing needs a sync, so
-    it stops there."""
+    by the verify passes. The first call of a shape is not counted (it compiles); the cost is the median
+    of the last WINDOW times: a preempted call does not move it, it follows a machine that drifts, and it
+    is as typical a time for a whole cycle (k+2 calls) as for a one-call plain step (the best of 8, as
+    before, flattered the cycles: their spread is wider). On a CPU timing is free; on a GPU it needs a
+    sync, so it stops after MEASURE calls."""
     seconds: dict = field(default_factory=dict)
     calls: dict = field(default_factory=dict)
+    samples: dict = field(default_factory=dict)       # key -> the last WINDOW times
     agree: dict = field(default_factory=dict)         # d -> [agreeing positions, positions]
     yields: dict = field(default_factory=dict)        # (d, k) -> [tokens per row per cycle, cycles], forgetting
     realism: list = field(default_factory=lambda: [0.0, 0.0])   # [tokens emitted, tokens τ(α, k) promised]
@@ -168,12 +172,12 @@ class PassCosts:
         return device.type != "cuda" or self.calls.get(key, 0) <= MEASURE
 
     def note(self, key, seconds: float) -> None:
-        n = self.calls[key] = self.calls.get(key, 0) + 1
-        old = self.seconds.get(key, math.inf)
-        if 1 < n <= MEASURE + 1:
-            self.seconds[key] = min(old, seconds)
-        elif n > MEASURE + 1:
-            self.seconds[key] = old + TRACK * (min(seconds, 2 * old) - old)
+        self.calls[key] = self.calls.get(key, 0) + 1
+        if self.calls[key] == 1:
+            return
+        times = self.samples.setdefault(key, deque(maxlen=WINDOW))
+        times.append(seconds)
+        self.seconds[key] = statistics.median(times)
 
     def note_agreement(self, counts: list[int], positions: int) -> None:
         for d, n in enumerate(counts):
@@ -228,7 +232,7 @@ class Planner:
         self.ks = AUTO_DRAFTS if k_draft == "auto" else (k_draft,)
         self.shares = weight_shares(model)
         self.accepted, self.drafted = 0.0, 0.0          # this generation's running counts (forgetting)
-        self.plain_run, self.probe_every = 0, PROBE_EVERY
+        self.plain_run, self.probe_every, self.cycle_run = 0, PROBE_EVERY, 0
         self.priors = [model.calibration.draft_agreement(d, PRIOR_ACCEPTANCE) for d in range(model.config.n_stages - 1)]
         self.held = 0                                   # plain steps left before the next plan
 
@@ -311,6 +315,10 @@ class Planner:
                 return min(self.stages, key=lambda d: self.cost(("draft", d), scale)), min(ks)
         else:
             self.plain_run, self.probe_every = 0, PROBE_EVERY
+            self.cycle_run += 1
+            if self.cycle_run >= PROBE_EVERY:        # now and then one plain step, so that the yardstick is
+                self.cycle_run = 0                   # timed as recently as the cycles it is compared with
+                return d0, 0
         return plan
 
     def fade(self, steps: int) -> None:
