@@ -139,9 +139,9 @@ class SpeculativeStep:
         top = p.argmax(-1)
         # per prefix 0..d': how often its Log-OP argmax (that of the summed log-probs) is the verifier's; the
         # running sum, not a cumsum over stacked log-probs (an unfused 42 µs of a 1.2 ms verify, demo bf16)
-        running, agree = logps[0], []
-        for j in range(K - 1):
-            running = running if j == 0 else running + logps[j]
+        running, agree = None, []
+        for lp in logps[:-1]:
+            running = lp if running is None else running + lp
             agree.append((running.argmax(-1) == top).sum())
         return p, torch.stack(agree), *accept_greedy(top, idx)
 
@@ -158,8 +158,9 @@ class PassCosts:
     pick and host work; ("cycle", d, k)), and each draft stage's agreement with the verifier counted
     by the verify passes. The first call of a shape is not counted (it compiles); the cost is the median
     of the last WINDOW times: a preempted call does not move it, it follows a machine that drifts, and it
-    is as typical a time for a whole cycle (k+2 calls) as for a one-call plain step (the best of 8, as
-    before, flattered the cycles: their spread is wider). On a CPU timing is free; on a GPU it needs a
+    is as typical a time for a whole cycle (k+2 calls) as for a one-call plain step, where a best time
+    favours whichever spreads wider (measured: the rows moved within the benches' spread, except fp32
+    auto at batch 1, 1.35 -> 1.55x full; docs/benchmarks.md). On a CPU timing is free; on a GPU it needs a
     sync, so it stops after MEASURE calls."""
     seconds: dict = field(default_factory=dict)
     calls: dict = field(default_factory=dict)
@@ -521,11 +522,15 @@ def speculator(model, draft_stage, k_draft, sampling: Sampling, verifier: str = 
                       sampling.generator(device))
 
 
-def _capacity(model, rows: list[list[int]], max_new_tokens: int) -> int:
-    """The cache a generation needs: no slack for drafts past the last token (near the end a cycle drafts
-    what fits, or steps plainly), so it is the size full PoE's would be (a 64-slot-larger cache cost 1.4x
-    per step at batch 8)."""
-    return min(model.config.sequence_len, max(len(r) for r in rows) + max_new_tokens)
+def _generation_step(model, rows: list[list[int]], draft_stage, k_draft, max_new_tokens: int, verifier: str,
+                     fallback: str = "auto") -> tuple[SpeculativeStep, int]:
+    """The checked arguments' step and cache size for a generation of `rows`. The cache has no slack for
+    drafts past the last token (near the end a cycle drafts what fits, or steps plainly), so it is the
+    size full PoE's would be (a 64-slot-larger cache cost 1.4x per step at batch 8)."""
+    check_speculative_args(model.config.n_stages, draft_stage, k_draft, verifier, fallback)
+    check_prompts(model, rows, max_new_tokens)
+    capacity = min(model.config.sequence_len, max(len(r) for r in rows) + max_new_tokens)
+    return _step(model, len(rows), capacity, k_draft, verifier), capacity
 
 
 @torch.no_grad()
@@ -539,16 +544,14 @@ def warm_speculative(model, rows, draft_stage, k_draft, max_new_tokens: int, ver
     if fast_path(model) is None:
         return
     rows = to_rows(rows)
-    check_speculative_args(model.config.n_stages, draft_stage, k_draft, verifier)
-    check_prompts(model, rows, max_new_tokens)
+    step, _ = _generation_step(model, rows, draft_stage, k_draft, max_new_tokens, verifier)
     B = len(rows)
-    step = _step(model, B, _capacity(model, rows, max_new_tokens), k_draft, verifier)
     spec = Speculator(model, step, B, draft_stage, k_draft, Sampling(), verifier, "never", None)
     cache, pending = step.cache, torch.zeros(B, dtype=torch.long, device=spec.device)
     for d in spec.planner.stages:
         for k in ((0,) if d == spec.planner.stages[0] else ()) + tuple(k for k in spec.planner.ks if k < cache.max_len):
             cache.reset([0] * B)
-            spec._run(d, k, cache, pending)       # each pass's first call: compiles, and is not counted as a cost
+            spec._run(d, k, cache, pending)       # a pass's first call compiles and is not counted as a cost
     cache.reset()
 
 
@@ -556,14 +559,10 @@ def warm_speculative(model, rows, draft_stage, k_draft, max_new_tokens: int, ver
 def speculative_steps(model, rows: list[list[int]], draft_stage, k_draft, max_new_tokens: int, sampling: Sampling,
                       eos_token_id: int | None, gen: Generation, verifier: str = "poe", fallback: str = "auto"):
     """Yield, per cycle (or plain step), each row's newly emitted tokens; `gen` collects tokens and counts."""
-    cfg = model.config
-    K = cfg.n_stages
-    check_speculative_args(K, draft_stage, k_draft, verifier, fallback)
-    check_prompts(model, rows, max_new_tokens)
+    K = model.config.n_stages
+    step, capacity = _generation_step(model, rows, draft_stage, k_draft, max_new_tokens, verifier, fallback)
     device = model.rope_cos.device
     B = len(rows)
-    capacity = _capacity(model, rows, max_new_tokens)
-    step = _step(model, B, capacity, k_draft, verifier)
     cache = step.cache
     cache.reset()                               # from the start, also when the cache is reused
     spec = Speculator(model, step, B, draft_stage, k_draft, sampling, verifier, fallback, sampling.generator(device))
