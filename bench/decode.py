@@ -7,8 +7,9 @@ new tokens, same dtype, EOS disabled on both sides), speedup over full-PoE greed
 side by side with it), layer evaluations per generated token (counted with hooks in a separate, untimed run, speculative's drafting
 included; for WAND its own count of the layer-positions it executed per decode position, lazy fills
 of skipped layers included, per batch size and path, with the share of its steps that took the deep
-path), agreement of the tokens with full greedy, and for speculative decoding the acceptance rate and
-τ (tokens per verification pass). Every mode is timed eager and compiled
+path), agreement of the tokens with full greedy at batch 1 (eager with eager: "agree"; compiled with
+compiled: "agree c", the tokens of the compiled speed-up), and for speculative decoding the acceptance
+rate and τ (tokens per verification pass). Every mode is timed eager and compiled
 (`poegpt.engine.compile_decode`: the static modes' one-token step, speculative decoding's draft and
 verify passes, WAND's deep step; compile time excluded, reported separately). `stage K-1` alone is the dense
 baseline: the same trunk with one head. Prints tables, then one JSON line.
@@ -74,19 +75,19 @@ def plan(gen) -> dict:
 
 def best_of(fn, repeats, beside=None):
     """The last output and the best time of `repeats` runs of fn; with `beside` (full PoE's same run),
-    each run is followed by one of it, and then come full's best time and the median over the pairs of
-    full's time over fn's: each pair ran back to back, so a pair's ratio is not moved by the machine
-    drifting between pairs, and the median drops a pair that one side lost to a noisy moment (on the
-    2-core host two best-of-3 times moved the same plan's ratio by +-0.2)."""
-    best, best_beside, out, ratios = float("inf"), float("inf"), None, []
+    each run is followed by one of it, and then come full's best time, the median over the pairs of
+    full's time over fn's, and full's last output: each pair ran back to back, so a pair's ratio is not
+    moved by the machine drifting between pairs, and the median drops a pair that one side lost to a
+    noisy moment (on the 2-core host two best-of-3 times moved the same plan's ratio by +-0.2)."""
+    best, best_beside, out, ratios, full = float("inf"), float("inf"), None, [], None
     for _ in range(repeats):
         out, dt = fn()
         best = min(best, dt)
         if beside is not None:
-            full_dt = beside()[1]
+            full, full_dt = beside()
             best_beside = min(best_beside, full_dt)
             ratios.append(full_dt / dt)
-    return out, best, best_beside, statistics.median(ratios) if ratios else 1.0
+    return out, best, best_beside, statistics.median(ratios) if ratios else 1.0, full
 
 
 def layer_evals(model, rows, spec, n) -> int:
@@ -169,7 +170,7 @@ def measure_mode(model, rows, label, spec, a, hf_rows, reference, full_spec) -> 
         beside = None if is_full else (lambda: run(model, rows, full_spec, a.tokens, B))
         compile_decode(model, False)
         run(model, rows[:B], spec, 4, B)                                 # warm-up
-        gen, dt, full_dt, row[f"b{B}_eager_vs_full"] = best_of(lambda: run(model, rows, spec, a.tokens, B), a.repeats,
+        gen, dt, full_dt, row[f"b{B}_eager_vs_full"], _ = best_of(lambda: run(model, rows, spec, a.tokens, B), a.repeats,
                                                                beside)
         n = sum(len(t) for t in gen.tokens)
         row[f"b{B}_eager_tok_s"] = n / dt
@@ -198,11 +199,14 @@ def measure_mode(model, rows, label, spec, a, hf_rows, reference, full_spec) -> 
             row[f"b{B}_compile_s"] = time.perf_counter() - t0
             if beside is not None:
                 run(model, rows[:B], full_spec, a.tokens, B)             # full's compiled step, ready
-            cgen, cdt, full_cdt, row[f"b{B}_compiled_vs_full"] = best_of(
+            cgen, cdt, full_cdt, row[f"b{B}_compiled_vs_full"], cfull = best_of(
                 lambda: run(model, rows, spec, a.tokens, B), a.repeats, beside)
             row[f"b{B}_compiled_tok_s"] = n / cdt
             row[f"b{B}_compiled_full_tok_s"] = n / full_cdt if beside else n / cdt
             row[f"b{B}_compiled_identical"] = cgen.tokens == gen.tokens
+            # the compiled run's tokens against full's compiled run beside it: the speed-up's own tokens
+            # (in bf16 eager and compiled round differently, so each path is compared with its own full)
+            row[f"b{B}_compiled_agreement_with_full"] = 1.0 if cfull is None else agreement(cgen.tokens, cfull.tokens)
             if spec.mode == "speculative":
                 row[f"b{B}_compiled_plan"] = plan(cgen)
             if spec.mode == "wand":
@@ -231,7 +235,7 @@ def print_tables(name, cfg, a, rows, machine, hf_rows, results) -> None:
               f"{'yes' if h['identical_to_full'] else 'no'}")
     head = f"{'mode':<24}" + "".join(f"{'b%d eager' % B:>10}{'compiled':>9}{'best':>8}{'vs HF':>7}{'vs full':>8}"
                                      for B in a.batches)
-    print(head + f"{'layers/tok':>11}{'accept':>7}{'tau':>6}{'agree':>7}")
+    print(head + f"{'layers/tok':>11}{'accept':>7}{'tau':>6}{'agree':>7}{'agree c':>8}")
     for r in results:
         line = f"{r['mode']:<24}"
         for B in a.batches:
@@ -239,7 +243,8 @@ def print_tables(name, cfg, a, rows, machine, hf_rows, results) -> None:
             line += (f"{r[f'b{B}_eager_tok_s']:>10.1f}{'-' if c is None else f'{c:.1f}':>9}{r[f'b{B}_tok_s']:>8.1f}"
                      f"{r.get(f'b{B}_vs_hf', float('nan')):>7.2f}{r[f'b{B}_speedup_vs_full']:>8.2f}")
         line += (f"{r['layers_per_token']:>11.2f}{r.get('acceptance', float('nan')):>7.2f}"
-                 f"{r.get('tau', float('nan')):>6.2f}{r['agreement_with_full']:>7.3f}")
+                 f"{r.get('tau', float('nan')):>6.2f}{r['agreement_with_full']:>7.3f}"
+                 f"{r.get('b1_compiled_agreement_with_full', float('nan')):>8.3f}")
         print(line)
     for r in results:
         paths = [f"b{B} {path} {r[f'b{B}_{path}_layers_per_token']:.2f} ({r[f'b{B}_{path}_deep_fraction']:.0%} deep, "
@@ -272,7 +277,7 @@ def main():
         hf = load_hf(a.model, dtype)
         for B in a.batches:
             hf_generate(hf, rows[:B], 4, B)                              # warm-up
-            toks, dt, _, _ = best_of(lambda: hf_generate(hf, rows, a.tokens, B), a.repeats)
+            toks, dt, _, _, _ = best_of(lambda: hf_generate(hf, rows, a.tokens, B), a.repeats)
             hf_rows[B] = {"tok_s": len(rows) * a.tokens / dt, "tokens": toks}
     results = []
     for label, spec in specs:            # full first: the reference every other mode is compared with

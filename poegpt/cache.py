@@ -17,9 +17,11 @@ view over a transformers cache, `integrations/hf`; vLLM's paged cache, `integrat
 
 and what the engines use on top: `reset(lengths)`, `rollback(row, length)` (speculative decoding's
 rejected drafts), `rows(start, stop)` (a view of some rows sharing storage: the server's batch),
-`move_row(src, dst, n)` (compacting the server's batch), and `full_view` (the compiled steps' fixed
+`move_row(src, dst, n)` (compacting the server's batch), `full_view` (the compiled steps' fixed
 shapes: writes at device positions without a host-side room check, attention over every slot
-under a position mask).
+under a position mask), and `stepwise` (T new tokens attend query by query over the keys each
+would see as a one-token step: a speculative verify pass without a full view, so that its tokens
+are bitwise those of plain steps; with a full view the key count is fixed and it is not needed).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class KVCache(RowLengths):
     plus every position's normed token embedding (B, max_len, d)."""
 
     full_view = False
+    stepwise = False
 
     def __init__(self, config: PoEConfig, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
         if max_len > config.sequence_len:

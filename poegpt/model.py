@@ -128,10 +128,26 @@ class CausalSelfAttention(nn.Module):
 
     def attend(self, q, k, v, pos: Positions, cache: KVCache | None = None) -> torch.Tensor:
         """Store the new keys/values in the cache (if any), then causal windowed attention of the
-        queries (B, H, T, D) at positions pos over the keys in view: (B, H, T, D)."""
+        queries (B, H, T, D) at positions pos over the keys in view: (B, H, T, D). With a `stepwise`
+        cache, query by query over the keys its one-token step would have in view: SDPA's sums round
+        differently over a different number of keys (bf16: 4e-3 on one layer's output), and a
+        speculative verify pass must compute each position as the plain steps it stands for."""
         T = q.size(2)
         if cache is not None:
             k, v = cache.store(self.layer, k, v, pos)
+        if T > 1 and getattr(cache, "stepwise", False):
+            steps = []
+            for i in range(T):
+                p = pos + i if isinstance(pos, int) else pos[:, i:i + 1]
+                n = p + 1 if isinstance(p, int) else k.size(2) if cache.full_view else int(p.max()) + 1
+                steps.append(self.over_keys(q[:, :, i:i + 1], k[:, :, :n], v[:, :, :n], p))
+            return torch.cat(steps, 2)
+        return self.over_keys(q, k, v, pos)
+
+    def over_keys(self, q, k, v, pos: Positions) -> torch.Tensor:
+        """Causal windowed attention of the queries (B, H, T, D) at positions pos over keys/values
+        (B, G, n_k, D), the first n_k positions: (B, H, T, D)."""
+        T = q.size(2)
         gqa = self.n_head != self.n_kv_head
         if isinstance(pos, int) and k.size(2) == pos + T:
             return windowed_attention(q, k, v, pos, self.window, gqa)

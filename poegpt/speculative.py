@@ -309,11 +309,15 @@ class Planner:
             self.plain_run += REPLAN
             if self.plain_run >= self.probe_every:   # now and then a short cycle, so the acceptance can recover
                 self.plain_run, self.probe_every = 0, 2 * self.probe_every
-                # a shape that already ran (a new one compiles its passes: a stall of 0.1-1 s)
+                # a shape that already ran (a new one compiles its passes: a stall of 0.1-1 s) and that
+                # would pay if every draft were accepted (demo fp32 b8: a d2 k3 cycle emits at most 4
+                # tokens in 3.9 steps' time: a probe of it can only lose); the first probe, any shape
                 ran = [key[1:] for key in c if key[0] == "cycle" and key[1] in self.stages and key[2] in ks]
-                if ran:
-                    return min(ran, key=lambda dk: (dk[1], c[("cycle", *dk)]))
-                return min(self.stages, key=lambda d: self.cost(("draft", d), scale)), min(ks)
+                pays = [(d, k) for d, k in ran if (k + 1) / c[("cycle", d, k)] > (1 + MARGIN) / plain]
+                if pays:
+                    return min(pays, key=lambda dk: (dk[1], c[("cycle", *dk)]))
+                if not ran:
+                    return min(self.stages, key=lambda d: self.cost(("draft", d), scale)), min(ks)
         else:
             self.plain_run, self.probe_every = 0, PROBE_EVERY
             self.cycle_run += 1
@@ -488,8 +492,13 @@ class Speculator:
         # --- verify: the remaining stages over the pending token and the k drafts, in one pass --------------
         idx = torch.stack(tokens, 1)                                        # (B, k+1)
         state = TrunkState.cat(states)
-        p, agree, m, last = timed(costs, ("verify", d, k), device, step.verify(d, k), state.x, state.x0, state.x_mid,
-                                  torch.stack(shallow, 2), idx, base[:, None] + torch.arange(k + 1, device=device))
+        cache.stepwise = not cache.full_view   # each position as its plain step computes it (cache.py)
+        try:
+            p, agree, m, last = timed(costs, ("verify", d, k), device, step.verify(d, k), state.x, state.x0,
+                                      state.x_mid, torch.stack(shallow, 2), idx,
+                                      base[:, None] + torch.arange(k + 1, device=device))
+        finally:
+            cache.stepwise = False
         # --- accept: the longest prefix the verifier agrees with, then one token of its own ------------------
         if not sampling.greedy:             # greedy acceptance ran in the verify pass
             m, last = accept_sampled(sampling_logprobs(p, sampling), idx, draft_logps, self.generator)
