@@ -105,9 +105,8 @@ def layer_evals(model, rows, spec, n) -> int:
 def prefill_evals(model, rows, spec) -> int:
     """Layer evaluations a mode spends on the prompt before its first decode step."""
     b = model.config.boundaries
-    if spec.mode == "speculative":        # all layers for the prompt but its last token (the first pending input)
-        return sum(len(r) - 1 for r in rows) * model.config.n_layer
-    return sum(len(r) for r in rows) * (b[spec.stage_mix(model).depth - 1] + 1)
+    depth = model.config.n_stages if spec.mode == "speculative" else spec.stage_mix(model).depth
+    return sum(len(r) for r in rows) * (b[depth - 1] + 1)
 
 
 def hf_generate(hf, rows, n, batch):

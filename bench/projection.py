@@ -171,11 +171,13 @@ def lazy_cost(passes: list[tuple[int, int]], c_stage_T: list[dict[int, float]]) 
 
 def replay_speculative(agree: list[bool], k: int, n: int) -> dict:
     """Greedy speculative cycles replayed on a sequence of draft/verifier agreements (agree[i]: the draft's
-    argmax at generated position i equals the full-PoE argmax): each cycle drafts k tokens (fewer near
-    the end: no more than the tokens still to come, as the engine's cache holds), accepts the leading
-    agreeing ones (m) and adds the verifier's own, until n tokens are committed. `agree` must reach
-    n + k - 1 positions. Returns tokens per cycle, accepted / drafted and the counts."""
-    i = cycles = accepted = drafted = 0
+    argmax at generated position i equals the full-PoE argmax): the first token comes from the prefill
+    (one pass, no drafts, as the engine does), then each cycle drafts k tokens (fewer near the end: no
+    more than the tokens still to come, as the engine's cache holds), accepts the leading agreeing ones
+    (m) and adds the verifier's own, until n tokens are committed. `agree` must reach n + k - 1
+    positions. Returns tokens per pass, accepted / drafted and the counts (the prefill's pass included)."""
+    i = cycles = min(n, 1)
+    accepted = drafted = 0
     while i < n:
         kc, m = min(k, n - i), 0
         while m < kc and agree[i + m]:
@@ -184,7 +186,7 @@ def replay_speculative(agree: list[bool], k: int, n: int) -> dict:
         cycles += 1
         accepted += m
         drafted += kc
-    return {"tau": n / cycles, "acceptance": accepted / drafted, "cycles": cycles, "accepted": accepted,
+    return {"tau": n / max(cycles, 1), "acceptance": accepted / drafted if drafted else 0.0, "cycles": cycles, "accepted": accepted,
             "drafted": drafted}
 
 

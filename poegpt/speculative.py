@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from .cache import new_cache
 from .engine import (Compiler, Generation, Sampling, StageMix, cached_step, check_prompts, compiled, fast_path,
-                     one_row_matmuls, pick, sampling_logprobs, step_slots, to_rows)
+                     one_row_matmuls, pick, prefill, sampling_logprobs, step_slots, to_rows)
 from .errors import PoEError
 from .logop import logop
 from .model import TrunkState
@@ -573,19 +573,12 @@ def speculative_steps(model, rows: list[list[int]], draft_stage, k_draft, max_ne
     device = model.rope_cos.device
     B = len(rows)
     cache = step.cache
-    cache.reset()                               # from the start, also when the cache is reused
     spec = Speculator(model, step, B, draft_stage, k_draft, sampling, verifier, fallback, sampling.generator(device))
     gen.tokens = [[] for _ in rows]
     gen.extra = {"plain_steps": 0, "draft_stages": spec.draft_stages}
     if max_new_tokens == 0:
         return
 
-    # prefill everything but each prompt's last token; that token is the first pending input
-    if max(len(r) for r in rows) > 1:
-        T = max(len(r) for r in rows) - 1
-        model.walk(torch.tensor([r[:-1] + [0] * (T - len(r) + 1) for r in rows], device=device), None, 0, K, 0, cache)
-    cache.reset([len(r) - 1 for r in rows])
-    pending = torch.tensor([r[-1] for r in rows], device=device)
     active = [True] * B
 
     def take(r: int, new: list[int]) -> list[int]:
@@ -604,6 +597,14 @@ def speculative_steps(model, rows: list[list[int]], draft_stage, k_draft, max_ne
             if not active[r]:
                 cache.rollback(r, 0)
 
+    # the prompts are prefilled as full PoE's generation (and the server) prefill them, and the first
+    # token is picked from the same log-probs: in bf16 a prompt's last token run as a step instead
+    # rounds differently (its keys feed every later position)
+    mix = step.verify_mix
+    pending = pick(mix.logprobs(model, prefill(model, cache, rows, K), [step.heads[j] for j in mix.stages]),
+                   sampling, spec.generator)
+    yield [take(r, [t]) for r, t in enumerate(pending.tolist())]
+    idle_finished()
     while any(active):
         room = min(capacity - 1 - n for n, a in zip(cache.lengths, active) if a)
         idx, m, last, k = spec.cycle(cache, pending, room)

@@ -51,10 +51,12 @@ def test_lazy_passes_carry_the_pending_positions():
 
 
 def test_replayed_cycles():
-    agree = [True, False, True, True, True, True]
-    # k = 2: cycle 1 accepts 1 (commits 2), cycle 2 accepts 2 (commits 3): 4 tokens reached in 2 cycles
-    r = pj.replay_speculative(agree, 2, 4)
-    assert (r["cycles"], r["tau"], r["acceptance"]) == (2, 2.0, 0.75)
+    agree = [False, True, False, True, True, True]
+    # k = 2: the prefill commits token 0 (agree[0] is not read), cycle 1 accepts 1 (commits 2), cycle 2
+    # accepts 2 (commits 3): 5 tokens in 3 passes, 3 of 4 drafts accepted
+    r = pj.replay_speculative(agree, 2, 5)
+    assert (r["cycles"], r["tau"], r["acceptance"]) == (3, 5 / 3, 0.75)
+    assert pj.replay_speculative([False] * 4, 3, 1)["cycles"] == 1          # one token: the prefill's
 
 
 def test_regime():

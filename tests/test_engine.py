@@ -241,8 +241,8 @@ def test_speculative_falls_back_or_drafts_as_the_costs_say_with_identical_tokens
     planted_costs(m, 1e-9, 1.0, 1.0) if expensive == "draft" else planted_costs(m, 1.0, 1e-9, 1e-9)
     gen = run_mode(m, rows, ModeSpec("speculative", draft_stage="auto", k_draft="auto"), 19)
     assert gen.tokens[0] == full[0, len(rows[0]):].tolist()
-    if expensive == "draft":
-        assert gen.extra["plain_steps"] == 19 and gen.drafted == 0
+    if expensive == "draft":   # the first token comes from the prefill, the other 18 from plain steps
+        assert gen.extra["plain_steps"] == 18 and gen.drafted == 0
     else:
         assert gen.extra["plain_steps"] == 0 and gen.drafted > 0 and gen.passes < 19
 
@@ -271,14 +271,15 @@ def test_speculative_plain_runs_end_rows_at_eos_and_at_the_context_end(fast):
     finally:
         compile_decode(m, False)
     assert gen.tokens == want
-    assert gen.extra["plain_steps"] == sum(map(len, want)) and gen.drafted == 0
+    assert gen.extra["plain_steps"] == sum(map(len, want)) - len(rows) and gen.drafted == 0   # first: prefill
 
 
 @pytest.mark.parametrize("verifier", ["poe", "dense"])
 def test_speculative_sampling_matches_the_verifier_distribution_exactly(verifier):
     """V = 16 so the joint distribution of two tokens (256 cells) can be checked by chi-square, against
     the verifier's distribution: full PoE, or stage K-1 alone (dense).
-    The first token always goes through the draft/verify rule (the prompt's last token is pending)."""
+    The first token is sampled from the prefill's log-probs (as full PoE's generation samples it); the
+    second always goes through the draft/verify rule (a seeded generation always drafts)."""
     cfg = PoEConfig.from_preset("tiny", vocab_size=16)
     m = build_random_model(cfg, seed=12, head_scale=3.0)     # stages disagree: TV(p, q) ~ 0.5
     prompt = [3, 7, 1]
@@ -298,8 +299,9 @@ def test_speculative_sampling_matches_the_verifier_distribution_exactly(verifier
             p2 = F.softmax(logprobs_of(seqs)[:, -1] / 0.9, -1).double()          # (16, 16)
         return p1, p2
     p1, p2 = pair_probs(targets[verifier])
-    with torch.no_grad():
-        q1 = F.softmax(logop([lp[0, -1] for lp in m.stage_logprobs(torch.tensor([prompt]), 2)]) / 0.9, -1)
+    with torch.no_grad():   # the draft's distribution of the second token (stages 0..1)
+        seqs = torch.tensor([prompt + [t] for t in range(16)])
+        q2 = F.softmax(logop([lp[:, -1] for lp in m.stage_logprobs(seqs, 2)]) / 0.9, -1)
     expected = (p1[:, None] * p2).flatten() * N
 
     def chi2(exp):
@@ -309,7 +311,7 @@ def test_speculative_sampling_matches_the_verifier_distribution_exactly(verifier
     # p = 1e-4 critical value via Wilson–Hilferty; a wrong rule (e.g. emitting the draft) blows far past it
     crit = dof * (1 - 2 / (9 * dof) + 3.719 * math.sqrt(2 / (9 * dof))) ** 3
     assert stat < crit, (stat, crit)
-    wrong = (q1.double()[:, None] * p2).flatten() * N
+    wrong = (p1[:, None] * q2.double()).flatten() * N                     # a rule that emits the draft
     assert chi2(wrong)[0] > 5 * crit
     o1, o2 = pair_probs(targets["dense" if verifier == "poe" else "poe"])   # and not the other verifier's
     assert chi2((o1[:, None] * o2).flatten() * N)[0] > 5 * crit

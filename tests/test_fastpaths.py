@@ -209,8 +209,6 @@ def test_warmed_speculative_compiles_nothing_while_it_plans(monkeypatch):
     """warm_speculative compiles every pass of the plan space ahead (dynamo's eager backend: traced
     graphs, no codegen): generations that then plan freely (auto stage and length, every fixed length
     of that space) recompile nothing, and still give full greedy; the warm-up leaves no cost counted."""
-    import itertools
-
     from poegpt.speculative import _COSTS, Planner, warm_speculative
     model = build_random_model(seed=6)          # its own: no cost record from other tests
     prompts = rows(2, seed=8, lengths=(6, 3))
@@ -224,17 +222,20 @@ def test_warmed_speculative_compiles_nothing_while_it_plans(monkeypatch):
         assert not any(key[0] == "verify" for key in costs.seconds)       # a compiling call is not a cost
         with torch.compiler.set_stance("fail_on_recompile"):
             assert speculative(model, prompts, 14, draft_stage="auto", k_draft="auto")[0] == full
-            # plans walking the whole space in turn (each (d, k) that fits, and plain steps)
+            # plans walking the whole space (each (d, k) not yet taken that fits, and plain steps):
+            # a generation's first cycle has room for every k, so each generation takes one more
             space = [(d, k) for d in range(K - 1) for k in AUTO_DRAFTS] + [(0, 0)]
-            plans, seen = itertools.cycle(space), set()
+            seen = set()
 
             def choose(self, room):
-                plan = next(p for p in plans if p[1] <= room)
+                fits = [p for p in space if p[1] <= room]
+                plan = next((p for p in fits if p not in seen), fits[0])
                 seen.add(plan)
                 return plan
             monkeypatch.setattr(Planner, "choose", choose)
-            while len(seen) < len(space):
+            for _ in range(len(space)):
                 assert speculative(model, prompts, 14, draft_stage="auto", k_draft="auto")[0] == full
+            assert seen == set(space)
     finally:
         compile_decode(model, False)
 
