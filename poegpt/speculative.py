@@ -259,11 +259,13 @@ class Planner:
         return None if plain is None else scale * plain * self.shares[key[:2]]
 
     def scale(self) -> float:
-        """How the timed passes compare with their weight share of a plain step (1.0 before any is timed)."""
+        """How the timed passes compare with their weight share of a plain step (1.0 before any is timed):
+        the median ratio, as one odd pass must not move every guess (demo bf16, batch 8: a verify of
+        k = 2 that ran eagerly once, near a generation's end, was timed at 297 ms, 60x its share)."""
         c = self.costs.seconds
         plain = c.get(("plain",))
         ratios = [t / (plain * self.shares[k[:2]]) for k, t in c.items() if k[0] in ("draft", "verify")] if plain else []
-        return sum(ratios) / len(ratios) if ratios else 1.0
+        return statistics.median(ratios) if ratios else 1.0
 
     def overhead(self) -> float:
         """How whole timed cycles compare with the sum of their passes (acceptance, host work; 1.0 before any)."""

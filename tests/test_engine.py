@@ -218,6 +218,16 @@ def test_planner_believes_the_tokens_cycles_yielded_over_tau(model):
     assert Planner(model, costs, 1, 3, adapt=False).choose(100) == (1, 3)            # fallback never: it drafts
 
 
+def test_planner_scale_is_not_moved_by_one_odd_pass(model):
+    """Untimed passes are guessed from their weight share times how the timed ones compare with theirs:
+    the median over the timed passes, so one pass timed while it stalled does not move every guess."""
+    from poegpt.speculative import PassCosts, Planner, weight_shares
+    shares = weight_shares(model)
+    c = {("plain",): 1.0, ("step",): 1.0, **{("draft", d): 2 * shares[("draft", d)] for d in range(K - 1)},
+         ("verify", 0, 3): 2 * shares[("verify", 0)], ("verify", 0, 2): 60 * shares[("verify", 0)]}
+    assert Planner(model, PassCosts(seconds=c), "auto", "auto", adapt=True).scale() == pytest.approx(2.0)
+
+
 def test_planner_probes_only_a_shape_that_could_pay(model):
     """After a run of plain steps the planner probes a cycle so that the acceptance can recover, but
     never one whose measured time beats plain steps by the margin only if every draft were accepted."""
