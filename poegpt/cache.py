@@ -105,18 +105,23 @@ class KVCache(RowLengths):
         if end > self.max_len:
             raise PoEError(f"sequence of {end} tokens exceeds the KV cache of {self.max_len}")
 
+    def in_view(self, pos: Positions, T: int) -> int:
+        """The slots in view once T tokens per row are written at pos: every slot in full view (a
+        tensor pos), else up to the furthest written."""
+        if isinstance(pos, int):
+            return pos + T
+        return self.max_len if self.full_view else int(pos.max()) + 1
+
     # --- writes ------------------------------------------------------------------------------------
     def _write(self, buf: torch.Tensor, value: torch.Tensor, pos: Positions, dim: int) -> int:
         """Write value (T along `dim`) into buf at positions pos; return the number of slots now in view."""
         T = value.size(dim)
+        end = self.in_view(pos, T)
         if isinstance(pos, int):
-            self.check_room(pos + T)
+            self.check_room(end)
             buf.narrow(dim, pos, T).copy_(value)
-            return pos + T
-        if self.full_view:
-            end = self.max_len
-        else:
-            end = int(pos.max()) + 1
+            return end
+        if not self.full_view:
             self.check_room(end)
         rows = torch.arange(buf.size(0), device=buf.device)[:, None]
         if dim == 2:   # (B, G, L, D) <- (B, G, T, D)

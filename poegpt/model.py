@@ -139,7 +139,7 @@ class CausalSelfAttention(nn.Module):
             steps = []
             for i in range(T):
                 p = pos + i if isinstance(pos, int) else pos[:, i:i + 1]
-                n = p + 1 if isinstance(p, int) else k.size(2) if cache.full_view else int(p.max()) + 1
+                n = cache.in_view(p, 1)
                 steps.append(self.over_keys(q[:, :, i:i + 1], k[:, :, :n], v[:, :, :n], p))
             return torch.cat(steps, 2)
         return self.over_keys(q, k, v, pos)

@@ -147,8 +147,12 @@ class SpeculativeStep:
 
     def _plain(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         _, hs = self.model.walk(tok[:, None], None, 0, self.model.config.n_stages, pos[:, None], self.cache)
+        return self.logprobs([h[:, -1] for h in hs])
+
+    def logprobs(self, hs: list[torch.Tensor]) -> torch.Tensor:
+        """The verifier's log-probs from every stage's boundary states at one position per row [(B, d)]."""
         mix = self.verify_mix
-        return mix.logprobs(self.model, [h[:, -1] for h in hs], [self.heads[j] for j in mix.stages])
+        return mix.logprobs(self.model, hs, [self.heads[j] for j in mix.stages])
 
 
 @dataclass
@@ -602,9 +606,7 @@ def speculative_steps(model, rows: list[list[int]], draft_stage, k_draft, max_ne
     # the prompts are prefilled as full PoE's generation (and the server) prefill them, and the first
     # token is picked from the same log-probs: in bf16 a prompt's last token run as a step instead
     # rounds differently (its keys feed every later position)
-    mix = step.verify_mix
-    pending = pick(mix.logprobs(model, prefill(model, cache, rows, K), [step.heads[j] for j in mix.stages]),
-                   sampling, spec.generator)
+    pending = pick(step.logprobs(prefill(model, cache, rows, K)), sampling, spec.generator)
     yield [take(r, [t]) for r, t in enumerate(pending.tolist())]
     idle_finished()
     while any(active):
