@@ -52,7 +52,7 @@ def test_1_5b_parameter_count_is_exact_on_meta(meta_1_5b):
     assert sum(p.numel() for p in meta_1_5b.parameters()) == CARD_PARAMS
 
 
-def test_1_5b_per_component_counts_match_trunk_md(meta_1_5b):
+def test_1_5b_per_component_counts_match_the_card(meta_1_5b):
     V, d, L, kv = 48_000, 1536, 24, 6 * 128
     counts = {"wte": 0, "shared": 0, "stages": 0, "blocks": 0, "ve": 0, "ve_gate": 0, "scalars": 0}
     for name, p in meta_1_5b.named_parameters():
