@@ -241,6 +241,51 @@ def test_planner_probes_only_a_shape_that_could_pay(model):
         assert ((1, 3) in plans) == probed, cycle
 
 
+def test_planner_retimes_the_yardstick_every_RETIME_cycles_across_generations(model):
+    """While cycles pay, every RETIME cycles (counted over generations: a short one never reaches it)
+    the plan holds two plain steps, so that the plain step is timed as recently as the cycles."""
+    from poegpt.speculative import RETIME, PassCosts, Planner
+    costs = PassCosts(seconds={("plain",): 1.0, ("step",): 1.0, ("draft", 0): 0.05, ("verify", 0, 3): 0.3,
+                               ("cycle", 0, 3): 0.5})
+    costs.agree = {0: [95, 100]}
+    plans = []
+    for _ in range(3):                                    # three generations of 7 cycles each
+        plan = Planner(model, costs, 0, 3, adapt=True)
+        for _ in range(7):
+            plans.append(plan.choose(100))
+            if plans[-1][1] == 0:
+                assert plan.held == 1                      # the second plain step follows in the held run
+                plan.held = 0
+    assert plans.index((0, 0)) == RETIME - 1 and plans.count((0, 0)) == 1 and plans.count((0, 3)) == 20
+
+
+def test_a_plain_step_right_after_a_cycle_is_not_timed_as_the_yardstick(monkeypatch):
+    """The yardstick is a plain step that follows a plain step (plain decoding's steady step); one right
+    after a cycle runs on weights the cycle evicted and would overstate it."""
+    import poegpt.speculative as S
+    m = build_random_model(seed=6)          # its own cost record
+    script = iter([0, 0, 0, 3, 0, 3, 0, 0, 1] + [0] * 40)   # k per planned step; 0: a plain step
+    monkeypatch.setattr(S.Planner, "choose", lambda self, room: (0, min(next(script), room)))
+    costs = S.pass_costs(m, (False, 1, "poe", torch.float32))
+    steps, run = [], S.Speculator._run
+
+    def logged(self, d, k, cache, pending):     # each step's k, and whether it was timed as the yardstick
+        before = costs.calls.get(("step",), 0)
+        out = run(self, d, k, cache, pending)
+        steps.append((k, before))
+        return out
+
+    monkeypatch.setattr(S.Speculator, "_run", logged)
+    rows = prompts(3, seed=2)[:1]
+    gen = run_mode(m, rows, ModeSpec("speculative", draft_stage=0, k_draft=3), 16)
+    assert gen.tokens[0] == m.generate(rows, max_new_tokens=16)[0, len(rows[0]):].tolist()
+    calls = [b for _, b in steps[1:]] + [costs.calls[("step",)]]
+    timed = [after - before for before, after in zip([b for _, b in steps], calls)]
+    follows_plain = [False] + [k == 0 for k, _ in steps[:-1]]
+    assert [t for (k, _), t in zip(steps, timed) if k == 0] == [f for (k, _), f in zip(steps, follows_plain) if k == 0]
+    assert sum(k == 0 for k, _ in steps) > sum(timed) >= 3 and sum(k > 0 for k, _ in steps) >= 3
+
+
 @pytest.mark.parametrize("expensive", ["draft", "plain"])
 def test_speculative_falls_back_or_drafts_as_the_costs_say_with_identical_tokens(expensive):
     """Planted pass costs steer a generation wholly to plain steps (drafting would not pay) or wholly to
