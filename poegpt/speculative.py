@@ -315,17 +315,22 @@ class Planner:
             self.held = REPLAN - 1                   # the next REPLAN - 1 steps are plain without planning
             self.fade(REPLAN)
             self.plain_run += REPLAN
-            if self.plain_run >= self.probe_every:   # now and then a short cycle, so the acceptance can recover
+            # now and then a cycle, so that the acceptance can recover; at once while no verify has
+            # measured any (the prior alone kept a fresh demo process plain)
+            if self.plain_run >= (self.probe_every if self.costs.agree else REPLAN):
                 self.plain_run, self.probe_every = 0, 2 * self.probe_every
-                # a shape that already ran (a new one compiles its passes: a stall of 0.1-1 s) and that
-                # would pay if every draft were accepted (demo fp32 b8: a d2 k3 cycle emits at most 4
-                # tokens in 3.9 steps' time: a probe of it can only lose); the first probe, any shape
-                ran = [key[1:] for key in c if key[0] == "cycle" and key[1] in self.stages and key[2] in ks]
-                pays = [(d, k) for d, k in ran if (k + 1) / c[("cycle", d, k)] > (1 + MARGIN) / plain]
+                # of the shapes whose passes are timed (a new one compiles its passes: a stall of 0.1-1 s),
+                # one that would pay if every draft were accepted (demo fp32 b8: a d2 k3 cycle emits at
+                # most 4 tokens in 3.9 steps' time: a probe of it can only lose), the best at the running
+                # acceptance. Not the shortest: a k = 1 probe could never pay (demo bf16 b1: 2 tokens in
+                # 2.3 steps' time) and, once run, was the only shape probed, so the prior stood for good.
+                ready = [(d, k) for d in self.stages for k in ks if ("draft", d) in c and ("verify", d, k) in c]
+                pays = [(d, k) for d, k in ready if (k + 1) / self.cycle_cost(d, k, scale, overhead) > (1 + MARGIN) / plain]
                 if pays:
-                    return min(pays, key=lambda dk: (dk[1], c[("cycle", *dk)]))
-                if not ran:
-                    return min(self.stages, key=lambda d: self.cost(("draft", d), scale)), min(ks)
+                    return max(pays, key=lambda dk: self.tokens(*dk, self.alpha(dk[0])) / self.cycle_cost(*dk, scale, overhead))
+                if not ready:
+                    return (min(self.stages, key=lambda d: self.cost(("draft", d), scale)),
+                            FIRST_K if FIRST_K in ks else max(ks))
         else:
             self.plain_run, self.probe_every = 0, PROBE_EVERY
             self.costs.since_step += 1

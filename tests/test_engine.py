@@ -241,6 +241,24 @@ def test_planner_probes_only_a_shape_that_could_pay(model):
         assert ((1, 3) in plans) == probed, cycle
 
 
+def test_planner_probes_a_shape_that_could_pay_not_only_shapes_that_ran(model):
+    """A fresh demo process probed k = 1 first, which could never pay (2 tokens in more than 2 steps'
+    time); once it had run it was the only shape probed, so the acceptance stayed the prior's and
+    the generation stayed plain. The probe takes any shape whose passes are timed and that could pay."""
+    from poegpt.speculative import PROBE_EVERY, PassCosts, Planner
+    costs = PassCosts(seconds={("plain",): 1.0, ("step",): 1.0, ("draft", 0): 0.3, ("verify", 0, 1): 1.4,
+                               ("verify", 0, 3): 1.0, ("cycle", 0, 1): 2.1})
+    costs.agree = {0: [60, 100]}                         # tau(0.6, 3) = 2.2 tokens in 2.2 steps: plain
+    plan = Planner(model, costs, 0, "auto", adapt=True)
+    plan.priors = [0.6] * len(plan.priors)               # the prior, not this model's calibration
+    plans = [plan.choose(100) for _ in range(2 * PROBE_EVERY)]
+    assert plans[0] == (0, 0) and (0, 3) in plans and (0, 1) not in plans
+    costs.agree = {}                                     # no verify measured any: a probe at once
+    plan = Planner(model, costs, 0, "auto", adapt=True)
+    plan.priors = [0.6] * len(plan.priors)
+    assert plan.choose(100) == (0, 3)
+
+
 def test_planner_retimes_the_yardstick_every_RETIME_cycles_across_generations(model):
     """While cycles pay, every RETIME cycles (counted over generations: a short one never reaches it)
     the plan holds two plain steps, so that the plain step is timed as recently as the cycles."""
