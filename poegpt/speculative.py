@@ -350,9 +350,10 @@ class Planner:
         for y in self.costs.yields.values():
             y[0], y[1] = f * y[0], f * y[1]
 
-    def update(self, d: int, k: int, accepted: int, rows: int) -> None:
-        """After a cycle of (d, k): `accepted` drafts over `rows` rows."""
-        self.costs.note_yield(d, k, 1 + accepted / rows, expected_tokens(self.alpha(d), k))
+    def update(self, d: int, k: int, accepted: int, rows: int, tokens: float | None = None) -> None:
+        """After a cycle of (d, k): `accepted` drafts over `rows` rows; `tokens`, what the cycle
+        advanced the generation by, where that is not the rows' mean (1 + accepted / rows)."""
+        self.costs.note_yield(d, k, 1 + accepted / rows if tokens is None else tokens, expected_tokens(self.alpha(d), k))
         self.accepted = FORGET * self.accepted + accepted
         self.drafted = FORGET * self.drafted + k * rows
 
@@ -530,9 +531,10 @@ class Speculator:
         self.draft_stages[d] += 1
         return idx, m, last, k
 
-    def update(self, accepted: int, rows: int) -> None:
-        """After a cycle (not a plain step): how many drafts the `rows` rows that ran it accepted."""
-        self.planner.update(*self.last, accepted, rows)
+    def update(self, accepted: int, rows: int, tokens: float | None = None) -> None:
+        """After a cycle (not a plain step): how many drafts the `rows` rows that ran it accepted (and
+        what the cycle advanced the generation by, see `Planner.update`)."""
+        self.planner.update(*self.last, accepted, rows, tokens)
 
 
 _ROW_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -629,6 +631,7 @@ def speculative_steps(model, rows: list[list[int]], draft_stage, k_draft, max_ne
     while any(active):
         room = min(capacity - 1 - n for n, a in zip(cache.lengths, active) if a)
         idx, m, last, k = spec.cycle(cache, pending, room)
+        before = [len(t) for t in gen.tokens]
         emitted, commit, acc = [[] for _ in range(B)], [0] * B, 0
         drafts = idx[:, 1:].tolist() if k else [[]] * B
         for r, (m_r, last_r) in enumerate(zip(m.tolist(), last.tolist())):
@@ -640,7 +643,12 @@ def speculative_steps(model, rows: list[list[int]], draft_stage, k_draft, max_ne
                 acc += m_r
                 commit[r] = m_r + 1
         if k:
-            spec.update(acc, sum(1 for c in commit if c))
+            # a batch is done when its last row is: a cycle advances it by what it added to the shortest
+            # of the rows still running, not by the rows' mean (demo bf16, batch 8, d1 k3, 48 tokens: the
+            # mean promised 5 % over plain steps and the slowest row's pace ran at 0.96x)
+            still = [r for r in range(B) if active[r]]
+            gated = min(len(gen.tokens[r]) for r in still) - min(before[r] for r in still) if still else None
+            spec.update(acc, sum(1 for c in commit if c), gated)
         pending = last          # a finished row's pending token is never read back
         cache.advance(commit)   # the accepted drafts and the verifier's token; rejected slots are overwritten later
         idle_finished()
