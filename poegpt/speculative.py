@@ -320,12 +320,12 @@ class Planner:
             if self.plain_run >= (self.probe_every if self.costs.agree else REPLAN):
                 self.plain_run, self.probe_every = 0, 2 * self.probe_every
                 # of the shapes whose passes are timed (a new one compiles its passes: a stall of 0.1-1 s),
-                # one that would pay if every draft were accepted (demo fp32 b8: a d2 k3 cycle emits at
-                # most 4 tokens in 3.9 steps' time: a probe of it can only lose), the best at the running
-                # acceptance. Not the shortest: a k = 1 probe could never pay (demo bf16 b1: 2 tokens in
-                # 2.3 steps' time) and, once run, was the only shape probed, so the prior stood for good.
+                # one that would pay at the acceptance a probe can hope for (`hopeful`), the best at the
+                # running acceptance. Not the shortest: a k = 1 probe could never pay (demo bf16 b1: 2
+                # tokens in 2.3 steps' time) and, once run, was the only shape probed, so the prior stood.
                 ready = [(d, k) for d in self.stages for k in ks if ("draft", d) in c and ("verify", d, k) in c]
-                pays = [(d, k) for d, k in ready if (k + 1) / self.cycle_cost(d, k, scale, overhead) > (1 + MARGIN) / plain]
+                pays = [(d, k) for d, k in ready if expected_tokens(self.hopeful(d), k)
+                        / self.cycle_cost(d, k, scale, overhead) > (1 + MARGIN) / plain]
                 if pays:
                     return max(pays, key=lambda dk: self.tokens(*dk, self.alpha(dk[0])) / self.cycle_cost(*dk, scale, overhead))
                 if not ready:
@@ -339,6 +339,14 @@ class Planner:
                 self.held = 1                        # compared with, over however many generations they span
                 return d0, 0
         return plan
+
+    def hopeful(self, d: int) -> float:
+        """The acceptance a probe of stage d can hope to find: every draft accepted while no verify has
+        measured the stage, narrowing with the positions measured to half of today's rejections
+        accepted (the text turned easier). Not every draft once measured: demo bf16 b1, a d2 k8 cycle
+        pays only then, and probing it at every generation's 32nd plain step cost d2 rows 2-3 %."""
+        n = self.costs.agree.get(d, (0.0, 0.0))[1]
+        return 1 - (1 - self.alpha(d)) * n / (2 * (n + PRIOR_WEIGHT))
 
     def fade(self, steps: int) -> None:
         """Plain steps show nothing of how drafts would fare: the acceptance and yields measured before
