@@ -338,6 +338,14 @@ class Planner:
                 self.costs.since_step = 0            # that the yardstick is as recent as the cycles it is
                 self.held = 1                        # compared with, over however many generations they span
                 return d0, 0
+            # τ takes acceptances as independent; on bursty text longer drafts yield more than it says, so
+            # a paying plan tries the next longer k once per RETIME cycles until that k's cycles are timed
+            # and its own yield judges it (without: fp32 b1 auto kept k = 3, 1.34x full; k = 6 cycles had
+            # emitted 6.3 tokens where tau(0.85, 6) = 4.6, 1.49-1.55x)
+            d, k = plan
+            longer = [j for j in ks if j > k and ("verify", d, j) in c]
+            if longer and ("cycle", d, longer[0]) not in c and self.costs.since_step == RETIME // 2:
+                return d, longer[0]
         return plan
 
     def hopeful(self, d: int) -> float:

@@ -273,6 +273,21 @@ def test_planner_hopes_for_every_draft_only_while_a_stage_is_unmeasured(model):
     assert plan.hopeful(0) == pytest.approx(1 - (1 - plan.alpha(0)) / 2, abs=1e-4) and plan.alpha(0) < 0.81
 
 
+def test_a_paying_plan_tries_the_next_longer_draft_until_it_is_timed(model):
+    """tau under-promises long drafts on bursty text: while cycles of (0, 3) pay, one cycle in RETIME
+    tries k = 4 (its passes timed, its cycle not), and stops once (0, 4)'s cycles are timed."""
+    from poegpt.speculative import AUTO_DRAFTS, RETIME, PassCosts, Planner
+    costs = PassCosts(seconds={("plain",): 1.0, ("step",): 1.0, ("draft", 0): 0.05, ("cycle", 0, 3): 0.5,
+                               **{("verify", 0, k): 0.3 if k in (3, 4) else 10.0 for k in AUTO_DRAFTS}})
+    costs.agree = {0: [95, 100]}
+    plan = Planner(model, costs, 0, "auto", adapt=True)
+    plans = [plan.choose(100) for _ in range(RETIME - 1)]
+    assert plans.count((0, 4)) == 1 and plans.count((0, 3)) == RETIME - 2
+    costs.seconds[("cycle", 0, 4)] = 5.0                 # timed, and it does not pay
+    costs.since_step = 0
+    assert all(plan.choose(100) == (0, 3) for _ in range(RETIME - 1))
+
+
 def test_planner_retimes_the_yardstick_every_RETIME_cycles_across_generations(model):
     """While cycles pay, every RETIME cycles (counted over generations: a short one never reaches it)
     the plan holds two plain steps, so that the plain step is timed as recently as the cycles."""
