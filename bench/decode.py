@@ -76,9 +76,11 @@ def plan(gen) -> dict:
 def best_of(fn, repeats, beside=None):
     """The last output and the best time of `repeats` runs of fn; with `beside` (full PoE's same run),
     each run is followed by one of it, and then come full's best time, the median over the pairs of
-    full's time over fn's, and full's last output: each pair ran back to back, so a pair's ratio is not
-    moved by the machine drifting between pairs, and the median drops a pair that one side lost to a
-    noisy moment (on the 2-core host two best-of-3 times moved the same plan's ratio by +-0.2)."""
+    full's time over fn's, full's last output, and the pairs' ratios (lowest, highest): each pair ran
+    back to back, so a pair's ratio is not moved by the machine drifting between pairs, and the median
+    drops a pair that one side lost to a noisy moment (on the 2-core host two best-of-3 times moved the
+    same plan's ratio by +-0.2). The range says how far one row's median can be read: a speculative
+    row held to plain steps, the same computation as full's, measured 0.95-1.01 on the Zen 4 host."""
     best, best_beside, out, ratios, full = float("inf"), float("inf"), None, [], None
     for _ in range(repeats):
         out, dt = fn()
@@ -87,7 +89,8 @@ def best_of(fn, repeats, beside=None):
             full, full_dt = beside()
             best_beside = min(best_beside, full_dt)
             ratios.append(full_dt / dt)
-    return out, best, best_beside, statistics.median(ratios) if ratios else 1.0, full
+    spread = (min(ratios), max(ratios)) if ratios else (1.0, 1.0)
+    return out, best, best_beside, statistics.median(ratios) if ratios else 1.0, full, spread
 
 
 def layer_evals(model, rows, spec, n) -> int:
@@ -169,8 +172,9 @@ def measure_mode(model, rows, label, spec, a, hf_rows, reference, full_spec) -> 
         beside = None if is_full else (lambda: run(model, rows, full_spec, a.tokens, B))
         compile_decode(model, False)
         run(model, rows[:B], spec, 4, B)                                 # warm-up
-        gen, dt, full_dt, row[f"b{B}_eager_vs_full"], _ = best_of(lambda: run(model, rows, spec, a.tokens, B), a.repeats,
-                                                               beside)
+        gen, dt, full_dt, row[f"b{B}_eager_vs_full"], _, spread = best_of(
+            lambda: run(model, rows, spec, a.tokens, B), a.repeats, beside)
+        row[f"b{B}_eager_vs_full_pairs"] = list(spread)
         n = sum(len(t) for t in gen.tokens)
         row[f"b{B}_eager_tok_s"] = n / dt
         row[f"b{B}_eager_full_tok_s"] = n / full_dt if beside else n / dt
@@ -198,8 +202,9 @@ def measure_mode(model, rows, label, spec, a, hf_rows, reference, full_spec) -> 
             row[f"b{B}_compile_s"] = time.perf_counter() - t0
             if beside is not None:
                 run(model, rows[:B], full_spec, a.tokens, B)             # full's compiled step, ready
-            cgen, cdt, full_cdt, row[f"b{B}_compiled_vs_full"], cfull = best_of(
+            cgen, cdt, full_cdt, row[f"b{B}_compiled_vs_full"], cfull, spread = best_of(
                 lambda: run(model, rows, spec, a.tokens, B), a.repeats, beside)
+            row[f"b{B}_compiled_vs_full_pairs"] = list(spread)
             row[f"b{B}_compiled_tok_s"] = n / cdt
             row[f"b{B}_compiled_full_tok_s"] = n / full_cdt if beside else n / cdt
             row[f"b{B}_compiled_identical"] = cgen.tokens == gen.tokens
@@ -256,6 +261,10 @@ def print_tables(name, cfg, a, rows, machine, hf_rows, results) -> None:
                  for B in a.batches for path in ("eager", "compiled") if (p := r.get(f"b{B}_{path}_plan"))]
         if plans:
             print(f"{r['mode']}: the planner's steps: " + ", ".join(plans))
+    for r in results[1:]:                # the range of each row's pair ratios: how far its median reads
+        pairs = [f"b{B} {path} {lo:.2f}-{hi:.2f}" for B in a.batches for path in ("eager", "compiled")
+                 for lo, hi in [r.get(f"b{B}_{path}_vs_full_pairs", (None, None))] if lo is not None]
+        print(f"{r['mode']}: pair ratios vs full (lowest-highest): " + ", ".join(pairs))
 
 
 def main():
@@ -276,7 +285,7 @@ def main():
         hf = load_hf(a.model, dtype)
         for B in a.batches:
             hf_generate(hf, rows[:B], 4, B)                              # warm-up
-            toks, dt, _, _, _ = best_of(lambda: hf_generate(hf, rows, a.tokens, B), a.repeats)
+            toks, dt, *_ = best_of(lambda: hf_generate(hf, rows, a.tokens, B), a.repeats)
             hf_rows[B] = {"tok_s": len(rows) * a.tokens / dt, "tokens": toks}
     results = []
     for label, spec in specs:            # full first: the reference every other mode is compared with

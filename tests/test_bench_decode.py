@@ -17,13 +17,14 @@ from poegpt.modes import ModeSpec  # noqa: E402
 def test_best_of_pairs_each_run_with_full_and_keeps_the_median_ratio():
     times, full_times = iter([2.0, 1.0, 4.0]), iter([3.0, 3.0, 2.0])
     outs = iter(["f1", "f2", "f3"])
-    out, best, best_full, ratio, full = bench.best_of(lambda: ("mode", next(times)), 3,
-                                                      lambda: (next(outs), next(full_times)))
+    out, best, best_full, ratio, full, spread = bench.best_of(lambda: ("mode", next(times)), 3,
+                                                              lambda: (next(outs), next(full_times)))
     assert (out, best, best_full) == ("mode", 1.0, 2.0)
     assert ratio == pytest.approx(1.5)            # the pairs' ratios 1.5, 3.0, 0.5: their median
+    assert spread == pytest.approx((0.5, 3.0))    # and their range
     assert full == "f3"                          # full's last output, to compare tokens with
     alone = bench.best_of(lambda: ("mode", 1.0), 2)
-    assert alone[3] == 1.0 and alone[4] is None
+    assert alone[3] == 1.0 and alone[4] is None and alone[5] == (1.0, 1.0)
 
 
 def test_a_speculative_row_agrees_with_full_and_reports_its_plan():
@@ -35,5 +36,7 @@ def test_a_speculative_row_agrees_with_full_and_reports_its_plan():
     row = bench.measure_mode(model, rows, "speculative auto", spec, a, {}, full["generated"], ModeSpec("full"))
     assert row["identical_to_full"] and row["agreement_with_full"] == 1.0
     assert row["tokens"] == 10 and row["b1_eager_vs_full"] > 0 and row["b2_eager_vs_full"] > 0
+    lo, hi = row["b1_eager_vs_full_pairs"]
+    assert lo <= row["b1_eager_vs_full"] <= hi
     plan = row["b2_eager_plan"]
     assert 0.0 <= plan["plain_share"] <= 1.0 and len(plan["cycles_by_draft_stage"]) == model.config.n_stages - 1

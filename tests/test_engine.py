@@ -359,6 +359,20 @@ def test_a_batch_cycle_yields_what_it_adds_to_its_slowest_row(monkeypatch):
     assert sum(expected) < sum(mean)                          # the rows drifted apart: the mean over-promises
 
 
+def test_eager_plain_steps_take_full_decodes_int_position_when_rows_align(model):
+    """Off the full view, aligned rows step at an int position (the eager engine's attention, as full
+    PoE's eager decode); ragged rows, or a full-view cache, at a position tensor."""
+    from poegpt.speculative import SpeculativeStep, Speculator
+    step = SpeculativeStep(model, 2, 16, None, full_view=False)
+    spec = Speculator(model, step, 2, 0, 3, Sampling(), "poe", "auto", None)
+    step.cache.reset([5, 5])
+    assert spec.positions(step.cache) == 5 and isinstance(spec.positions(step.cache), int)
+    step.cache.reset([5, 7])
+    assert spec.positions(step.cache).tolist() == [5, 7]
+    step.cache.full_view, _ = True, step.cache.reset([5, 5])
+    assert isinstance(spec.positions(step.cache), torch.Tensor)
+
+
 @pytest.mark.parametrize("expensive", ["draft", "plain"])
 def test_speculative_falls_back_or_drafts_as_the_costs_say_with_identical_tokens(expensive):
     """Planted pass costs steer a generation wholly to plain steps (drafting would not pay) or wholly to
