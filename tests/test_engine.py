@@ -288,6 +288,21 @@ def test_a_paying_plan_tries_the_next_longer_draft_until_it_is_timed(model):
     assert all(plan.choose(100) == (0, 3) for _ in range(RETIME - 1))
 
 
+def test_an_untried_shape_needs_the_exploration_margin_only_where_it_compiles(model):
+    """On the fast path an untried (d, k) must promise 25 % (its first call compiles); eager, where
+    nothing compiles, the plain margin: a cycle guessed 10 % faster than plain steps runs eager only."""
+    from poegpt.speculative import PassCosts, Planner
+    plans = {}
+    for compiles in (True, False):
+        costs = PassCosts(seconds={("plain",): 1.0, ("step",): 1.0, ("draft", 0): 0.5, ("verify", 0, 3): 0.8},
+                          compiles=compiles)
+        costs.agree = {0: [10_000, 10_000]}              # every draft accepted: tau = 4 tokens per 2.8 steps
+        costs.realism = [3.08, 4.0]                      # cycles kept 77 % of tau's promise: 1.1x a plain step
+        plan = Planner(model, costs, 0, 3, adapt=True)
+        plans[compiles] = plan.choose(100)
+    assert plans == {True: (0, 0), False: (0, 3)}
+
+
 def test_planner_retimes_the_yardstick_every_RETIME_cycles_across_generations(model):
     """While cycles pay, every RETIME cycles (counted over generations: a short one never reaches it)
     the plan holds two plain steps, so that the plain step is timed as recently as the cycles."""
