@@ -499,13 +499,14 @@ class Speculator:
         return pick(p, self.sampling, self.generator)
 
     def positions(self, cache):
-        """Each row's next position for a plain step: an int where the rows are aligned off the full
-        view, so that the step runs the eager engine's attention as full PoE's eager decode does (with a
-        position tensor, a demo bf16 eager step ran ~12 % slower than full's), else a device tensor."""
-        lengths = cache.lengths
-        if not cache.full_view and len(set(lengths)) == 1:
-            return lengths[0]
-        return torch.tensor(lengths, device=self.device)
+        """Each row's next position for a plain step, (B,): in full view always a tensor (the compiled
+        step's fixed shape); else as the cache places a token (`KVCache.positions`), an int where the
+        rows are aligned, so that the step runs the eager engine's attention as full PoE's eager decode
+        does (with a position tensor, a demo bf16 eager step ran ~12 % slower than full's)."""
+        if cache.full_view:
+            return torch.tensor(cache.lengths, device=self.device)
+        pos = cache.positions(1, self.device)
+        return pos if isinstance(pos, int) else pos[:, 0]
 
     def held(self, room: int) -> int:
         """After a plain step: how many more the plan holds (at most `room`), taken from the planner."""
